@@ -1,0 +1,72 @@
+# One helper for every library, binary and test of the project.
+#
+#   tune_cc_library(NAME foo HDRS a.h SRCS a.cc DEPS tune::bar absl::status [PUBLIC_INCLUDE dir])
+#     -> target tune_foo, alias tune::foo. Header-only when SRCS is empty.
+#   tune_cc_binary(NAME tune-server SRCS main.cc DEPS ...)
+#   tune_cc_test(NAME store_test SRCS store_test.cc DEPS ... LABELS unit [TIMEOUT s] [ARGS ...])
+#     -> a GoogleTest binary registered with ctest under the given labels.
+include_guard(GLOBAL)
+
+function(tune_cc_library)
+  cmake_parse_arguments(T "" "NAME" "HDRS;SRCS;DEPS;DEFINES" ${ARGN})
+  set(target tune_${T_NAME})
+  if(T_SRCS)
+    add_library(${target} STATIC ${T_SRCS} ${T_HDRS})
+    target_include_directories(${target} PUBLIC ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+    target_link_libraries(${target} PUBLIC ${T_DEPS})
+    target_compile_definitions(${target} PUBLIC ${T_DEFINES})
+    tune_apply_warnings(${target})
+  else()
+    add_library(${target} INTERFACE)
+    target_include_directories(${target} INTERFACE ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+    target_link_libraries(${target} INTERFACE ${T_DEPS})
+    target_compile_definitions(${target} INTERFACE ${T_DEFINES})
+  endif()
+  add_library(tune::${T_NAME} ALIAS ${target})
+endfunction()
+
+function(tune_cc_binary)
+  cmake_parse_arguments(T "" "NAME" "SRCS;DEPS" ${ARGN})
+  add_executable(${T_NAME} ${T_SRCS})
+  target_include_directories(${T_NAME} PRIVATE ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+  target_link_libraries(${T_NAME} PRIVATE ${T_DEPS})
+  tune_apply_warnings(${T_NAME})
+  # All binaries land in one folder so tune-worker finds tune-train next to it.
+  set_target_properties(${T_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/bin)
+endfunction()
+
+function(tune_cc_test)
+  if(NOT TUNE_BUILD_TESTS)
+    return()
+  endif()
+  cmake_parse_arguments(T "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS;ARGS" ${ARGN})
+  add_executable(${T_NAME} ${T_SRCS})
+  target_include_directories(${T_NAME} PRIVATE ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+  target_link_libraries(${T_NAME} PRIVATE ${T_DEPS} GTest::gtest GTest::gtest_main)
+  target_compile_definitions(${T_NAME} PRIVATE
+    TUNE_BIN_DIR="${PROJECT_BINARY_DIR}/bin"
+    TUNE_SOURCE_DIR="${PROJECT_SOURCE_DIR}"
+    TUNE_ASSETS_DIR="${TUNE_ASSETS_DIR}")
+  tune_apply_warnings(${T_NAME})
+  set_target_properties(${T_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/tests)
+  add_test(NAME ${T_NAME} COMMAND ${T_NAME} ${T_ARGS})
+  if(NOT T_LABELS)
+    set(T_LABELS unit)
+  endif()
+  if(NOT T_TIMEOUT)
+    set(T_TIMEOUT 300)
+  endif()
+  set_tests_properties(${T_NAME} PROPERTIES LABELS "${T_LABELS}" TIMEOUT ${T_TIMEOUT})
+  if("gpu" IN_LIST T_LABELS)
+    # GPU tests exit 77 (GTEST_SKIP in every case) when no CUDA device is present.
+    set_tests_properties(${T_NAME} PROPERTIES SKIP_RETURN_CODE 77)
+  endif()
+endfunction()
+
+function(tune_apply_warnings target)
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wno-unused-parameter>)
+  if(TUNE_SANITIZE)
+    target_compile_options(${target} PRIVATE -fsanitize=address,undefined -fno-omit-frame-pointer)
+    target_link_options(${target} PRIVATE -fsanitize=address,undefined)
+  endif()
+endfunction()

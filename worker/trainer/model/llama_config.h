@@ -1,0 +1,49 @@
+// LlamaConfig: the subset of a Hugging Face Llama config.json the trainer uses.
+#ifndef TUNE_WORKER_TRAINER_MODEL_LLAMA_CONFIG_H_
+#define TUNE_WORKER_TRAINER_MODEL_LLAMA_CONFIG_H_
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tune::model {
+
+struct RopeScaling {
+  std::string type;  // only "llama3" is supported (Llama 3.1+); others are rejected
+  double factor = 1, low_freq_factor = 1, high_freq_factor = 4;
+  int original_max_position_embeddings = 8192;
+};
+
+struct LlamaConfig {
+  int vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_hidden_layers = 0,
+      num_attention_heads = 0, num_key_value_heads = 0, head_dim = 0;
+  int max_position_embeddings = 8192;
+  double rms_norm_eps = 1e-5, rope_theta = 10000.0;
+  std::optional<RopeScaling> rope_scaling;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false, mlp_bias = false;  // must be false (Llama 3); checked
+  int bos_token_id = 128000;
+  std::vector<int> eos_token_ids;  // config.json eos_token_id: int or list
+  std::string torch_dtype = "bfloat16";
+
+  // Parses config.json. Throws std::runtime_error naming the file and field:
+  // non-Llama architectures / model_type, missing or non-positive sizes,
+  // heads not dividing hidden size, kv heads not dividing heads, unsupported
+  // rope_scaling types, hidden_act other than silu.
+  static LlamaConfig FromJsonFile(const std::string& path);
+  // Same from parsed JSON; `source` names the origin in errors.
+  static LlamaConfig FromJson(const nlohmann::json& j, const std::string& source);
+  // HF-style config.json content ("architectures": ["LlamaForCausalLM"], ...).
+  nlohmann::json ToJson() const;
+  // Total parameters including embeddings and (untied) lm_head.
+  int64_t NumParameters() const;
+  // Checks internal consistency (what FromJson checks); throws.
+  void Validate(const std::string& source) const;
+};
+
+}  // namespace tune::model
+
+#endif  // TUNE_WORKER_TRAINER_MODEL_LLAMA_CONFIG_H_
