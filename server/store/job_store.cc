@@ -18,18 +18,13 @@ namespace {
 
 constexpr int kBusyTimeoutMs = 5000;
 
-absl::Status SqlError(sqlite3* db, const std::string& what) {
-  return absl::InternalError(absl::StrCat("sqlite: ", what, ": ", sqlite3_errmsg(db)));
-}
-
 int64_t ToMicros(absl::Time t) { return absl::ToUnixMicros(t); }
 
 // One prepared statement; finalized on destruction.
 class Stmt {
  public:
-  Stmt(sqlite3* db, const char* sql) : db_(db) {
-    rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
-    sql_ = sql;
+  Stmt(sqlite3* db, std::string sql) : db_(db), sql_(std::move(sql)) {
+    rc_ = sqlite3_prepare_v2(db, sql_.c_str(), -1, &stmt_, nullptr);
   }
   ~Stmt() { sqlite3_finalize(stmt_); }
   Stmt(const Stmt&) = delete;
@@ -88,8 +83,8 @@ class Stmt {
  private:
   sqlite3* db_;
   sqlite3_stmt* stmt_ = nullptr;
+  std::string sql_;
   int rc_;
-  const char* sql_;
 };
 
 // BEGIN IMMEDIATE on construction; ROLLBACK unless Commit() succeeded.
@@ -466,7 +461,7 @@ absl::StatusOr<AgentEventResult> JobStore::AppendAgentEvent(const std::string& j
 }
 
 absl::StatusOr<JobRecord> JobStore::GetJobLocked(const std::string& id) {
-  Stmt s(db_, absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE id=?").c_str());
+  Stmt s(db_, absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE id=?"));
   RETURN_IF_ERROR(s.status());
   s.Bind(1, id);
   ASSIGN_OR_RETURN(bool row, s.Step());
@@ -489,7 +484,7 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::ListJobs(const std::vector<v1::
   absl::StrAppend(&sql, " ORDER BY submit_order DESC");
   if (limit > 0) absl::StrAppend(&sql, " LIMIT ", limit);
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, sql.c_str());
+  Stmt s(db_, sql);
   RETURN_IF_ERROR(s.status());
   std::vector<JobRecord> out;
   while (true) {
@@ -497,6 +492,19 @@ absl::StatusOr<std::vector<JobRecord>> JobStore::ListJobs(const std::vector<v1::
     if (!row) break;
     ASSIGN_OR_RETURN(JobRecord r, ReadJobRow(s));
     out.push_back(std::move(r));
+  }
+  return out;
+}
+
+absl::StatusOr<std::map<v1::JobState, int>> JobStore::CountJobsByState() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt s(db_, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
+  RETURN_IF_ERROR(s.status());
+  std::map<v1::JobState, int> out;
+  while (true) {
+    ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out[static_cast<v1::JobState>(s.Int(0))] = static_cast<int>(s.Int(1));
   }
   return out;
 }

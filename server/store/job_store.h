@@ -19,6 +19,7 @@
 #define TUNE_SERVER_STORE_JOB_STORE_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -103,6 +104,9 @@ class JobStore {
   // Jobs in any of `states` (all when empty), newest first; `limit` <= 0: all.
   absl::StatusOr<std::vector<JobRecord>> ListJobs(const std::vector<v1::JobState>& states,
                                                   int limit);
+
+  // Number of jobs in each state.
+  absl::StatusOr<std::map<v1::JobState, int>> CountJobsByState();
 
   // Events of `job_id` with seq > after_seq, at most `limit` (>= 1).
   // NOT_FOUND when there is no such job.
