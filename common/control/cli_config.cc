@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,8 @@ namespace {
 // repeated values). Nested mappings are rejected: the binaries' options are flat.
 class YamlConfig : public CLI::Config {
  public:
+  explicit YamlConfig(const CLI::App* app) : app_(app) {}
+
   std::string to_config(const CLI::App* app, bool default_also, bool write_description,
                         std::string prefix) const override {
     YAML::Emitter out;
@@ -54,16 +57,29 @@ class YamlConfig : public CLI::Config {
                                   item.name + "' must be a value or a list",
                               CLI::ExitCodes::ConversionError);
       }
+      // CLI11 applies the file before environment variables; skip keys whose option
+      // is set in the environment so that env beats file, as documented.
+      const CLI::Option* opt = nullptr;
+      try {
+        opt = app_->get_option("--" + item.name);
+      } catch (const CLI::OptionNotFound&) {
+      }
+      if (opt != nullptr && !opt->get_envname().empty() && std::getenv(opt->get_envname().c_str()) != nullptr) {
+        continue;
+      }
       items.push_back(std::move(item));
     }
     return items;
   }
+
+ private:
+  const CLI::App* app_;
 };
 
 }  // namespace
 
 void UseYamlConfigFile(CLI::App& app) {
-  app.config_formatter(std::make_shared<YamlConfig>());
+  app.config_formatter(std::make_shared<YamlConfig>(&app));
   app.set_config("--config", "", "YAML file of options (keys = long flag names); env TUNE_* and flags override it");
   // Unknown keys in the file are errors, not silently ignored.
   app.allow_config_extras(CLI::config_extras_mode::error);

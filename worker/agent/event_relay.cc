@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "common/control/spec_proto.h"
 #include "common/control/time_util.h"
 
@@ -33,13 +34,21 @@ RelayedEvent WarningEvent(int rank, const std::string& message, absl::Time now) 
 
 std::string Excerpt(std::string_view line) {
   if (line.size() <= kExcerptBytes) return std::string(line);
-  return absl::StrCat(line.substr(0, kExcerptBytes), "...");
+  return std::string(line.substr(0, kExcerptBytes)) + "...";
+}
+
+bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v'; }
+
+std::string_view Trim(std::string_view s) {
+  while (!s.empty() && IsSpace(s.front())) s.remove_prefix(1);
+  while (!s.empty() && IsSpace(s.back())) s.remove_suffix(1);
+  return s;
 }
 
 }  // namespace
 
 RelayedEvent ParseEventLine(std::string_view line, int rank, absl::Time now) {
-  line = absl::StripAsciiWhitespace(line);
+  line = Trim(line);
   json j;
   try {
     j = json::parse(line.begin(), line.end());
@@ -118,7 +127,7 @@ RelayedEvent RankEventStream::DroppedLineEvent(absl::Time now) const {
 
 void RankEventStream::TakeLine(std::string_view line, absl::Time now,
                                std::vector<RelayedEvent>* out) {
-  if (absl::StripAsciiWhitespace(line).empty()) return;
+  if (Trim(line).empty()) return;
   out->push_back(ParseEventLine(line, rank_, now));
 }
 

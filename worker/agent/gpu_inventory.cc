@@ -171,7 +171,7 @@ std::unique_ptr<GpuProbe> MakeNvidiaSmiProbe(std::string binary) {
 absl::StatusOr<std::vector<GpuReading>> ParseNvidiaSmiCsv(std::string_view csv) {
   std::vector<GpuReading> out;
   int line_number = 0;
-  for (absl::string_view line : absl::StrSplit(csv, '\n')) {
+  for (absl::string_view line : absl::StrSplit(absl::string_view(csv.data(), csv.size()), '\n')) {
     ++line_number;
     line = absl::StripAsciiWhitespace(line);
     if (line.empty()) continue;
@@ -278,7 +278,7 @@ absl::StatusOr<std::unique_ptr<GpuInventory>> GpuInventory::Discover(
     } else if (absl::IsInvalidArgument(r.status())) {
       return r.status();  // nvidia-smi ran but said something we cannot read
     } else {
-      spdlog::info("no GPUs: NVML unavailable ({}), {}", why, r.status().message());
+      spdlog::info("no GPUs: NVML unavailable ({}), {}", why, r.status().ToString());
     }
   }
   if (selection.mode == GpuSelection::Mode::kList && found.empty()) {
@@ -301,7 +301,7 @@ std::vector<GpuReading> GpuInventory::Sample() {
       probe_ != nullptr && !offered_.empty() ? probe_->Read()
                                              : absl::StatusOr<std::vector<GpuReading>>(
                                                    std::vector<GpuReading>{});
-  if (!fresh.ok()) spdlog::warn("GPU sample via {} failed: {}", source(), fresh.status().message());
+  if (!fresh.ok()) spdlog::warn("GPU sample via {} failed: {}", source(), fresh.status().ToString());
   for (const GpuReading& g : offered_) {
     GpuReading r = g;
     r.memory_used_bytes = 0;
@@ -318,6 +318,40 @@ std::vector<GpuReading> GpuInventory::Sample() {
     out.push_back(std::move(r));
   }
   return out;
+}
+
+GpuSampler::GpuSampler(GpuInventory* inventory, absl::Duration period)
+    : inventory_(inventory), period_(period) {
+  for (GpuReading g : inventory_->offered()) {
+    g.memory_used_bytes = 0;
+    g.utilization_percent = -1;
+    latest_.push_back(std::move(g));
+  }
+  if (inventory_->offered().empty()) return;  // nothing to sample
+  thread_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stop_) {
+      lock.unlock();
+      std::vector<GpuReading> sample = inventory_->Sample();
+      lock.lock();
+      latest_ = std::move(sample);
+      cv_.wait_for(lock, absl::ToChronoNanoseconds(period_), [this] { return stop_; });
+    }
+  });
+}
+
+GpuSampler::~GpuSampler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+std::vector<GpuReading> GpuSampler::Latest() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return latest_;
 }
 
 }  // namespace tune::worker

@@ -5,13 +5,17 @@
 #define TUNE_WORKER_AGENT_GPU_INVENTORY_H_
 
 #include <cstdint>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "worker/agent/config.h"
 
 namespace tune::worker {
@@ -79,6 +83,25 @@ class GpuInventory {
  private:
   std::unique_ptr<GpuProbe> probe_;
   std::vector<GpuReading> offered_;
+};
+
+// Samples an inventory in the background every `period`, so heartbeats never
+// wait for nvidia-smi. Thread-safe.
+class GpuSampler {
+ public:
+  GpuSampler(GpuInventory* inventory, absl::Duration period);
+  ~GpuSampler();
+  // The newest sample (the offered GPUs with unknown usage before the first).
+  std::vector<GpuReading> Latest() const;
+
+ private:
+  GpuInventory* const inventory_;
+  const absl::Duration period_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::vector<GpuReading> latest_;
+  std::thread thread_;
 };
 
 }  // namespace tune::worker
