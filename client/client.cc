@@ -77,7 +77,7 @@ int ReportRpcError(const CommandContext& ctx, const grpc::Status& status, std::s
   }
 }
 
-void PrintStructured(const CommandContext& ctx, const nlohmann::json& value) {
+void PrintStructured(const CommandContext& ctx, const Json& value) {
   if (ctx.format == OutputFormat::kYaml) {
     *ctx.out << ToYaml(value);
   } else {

@@ -67,7 +67,7 @@ int ReportRpcError(const CommandContext& ctx, const grpc::Status& status, std::s
 
 // Prints a JSON value as the selected format (json pretty, yaml block). Only
 // valid for kJson/kYaml.
-void PrintStructured(const CommandContext& ctx, const nlohmann::json& value);
+void PrintStructured(const CommandContext& ctx, const Json& value);
 
 bool IsTerminal(v1::JobState state);
 

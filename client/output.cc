@@ -20,7 +20,7 @@
 namespace tune::client {
 namespace {
 
-using nlohmann::json;
+using json = Json;
 
 bool IsSet(const google::protobuf::Timestamp& ts) { return ts.seconds() != 0 || ts.nanos() != 0; }
 
@@ -184,7 +184,7 @@ absl::StatusOr<OutputFormat> ParseOutputFormat(std::string_view name) {
   if (name == "json") return OutputFormat::kJson;
   if (name == "yaml") return OutputFormat::kYaml;
   return absl::InvalidArgumentError(
-      absl::StrCat("-o/--output: unknown format '", name, "' (use table, json or yaml)"));
+      absl::StrCat("-o/--output: unknown format '", std::string(name), "' (use table, json or yaml)"));
 }
 
 json JobToJson(const v1::Job& job) {
@@ -223,20 +223,25 @@ json EventPayload(const v1::JobEvent& event) {
 }
 
 json EventToJson(const v1::JobEvent& event) {
-  json j = EventPayload(event);
-  j["seq"] = event.seq();
-  j["job_id"] = event.job_id();
+  json payload = EventPayload(event);
   std::string type = EventTypeName(event.type());
   if (type.empty()) {
     // Unknown to this tunectl: keep the producer's own type string.
-    auto it = j.find("type");
-    type = (it != j.end() && it->is_string()) ? it->get<std::string>() : "unknown";
+    auto it = payload.find("type");
+    type = (it != payload.end() && it->is_string()) ? it->get<std::string>() : "unknown";
   }
+  // The stored envelope first, then the payload's own fields in their order.
+  json j;
+  j["seq"] = event.seq();
+  j["job_id"] = event.job_id();
   j["type"] = type;
   j["attempt"] = event.attempt();
   j["rank"] = event.rank();
   if (IsSet(event.time())) {
     j["time"] = UnixSeconds(event.time());
+  }
+  for (auto it = payload.begin(); it != payload.end(); ++it) {
+    if (!j.contains(it.key())) j[it.key()] = it.value();
   }
   return j;
 }

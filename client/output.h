@@ -35,6 +35,10 @@
 
 namespace tune::client {
 
+// JSON values keep their keys in insertion order, so that "id" / "seq" lead
+// the objects tunectl prints.
+using Json = nlohmann::ordered_json;
+
 enum class OutputFormat { kTable, kJson, kYaml };
 
 // "table" | "json" | "yaml"; anything else is InvalidArgument naming the choices.
@@ -42,13 +46,13 @@ absl::StatusOr<OutputFormat> ParseOutputFormat(std::string_view name);
 
 // ---- JSON views ------------------------------------------------------------
 
-nlohmann::json JobToJson(const v1::Job& job);
-nlohmann::json EventToJson(const v1::JobEvent& event);
-nlohmann::json WorkerToJson(const v1::Worker& worker);
+Json JobToJson(const v1::Job& job);
+Json EventToJson(const v1::JobEvent& event);
+Json WorkerToJson(const v1::Worker& worker);
 
 // The payload of an event as a JSON object; an unparsable payload becomes
 // {"payload_raw": "<text>"} so that nothing the server stored is hidden.
-nlohmann::json EventPayload(const v1::JobEvent& event);
+Json EventPayload(const v1::JobEvent& event);
 
 // Loss curve of a job, from its `step` events. Only rank 0 counts (every rank
 // reports the same all-reduced loss). When a retry re-runs steps after a
@@ -66,21 +70,21 @@ struct LossSummary {
 };
 LossSummary SummarizeLosses(const std::vector<v1::JobEvent>& events);
 // {"steps":..,"first":..,"min":..,"last":..,...}; null when no step had a loss.
-nlohmann::json LossSummaryToJson(const LossSummary& summary);
+Json LossSummaryToJson(const LossSummary& summary);
 
 // A number from an event payload: JSON numbers as is, the strings "nan",
 // "inf", "-inf" as the IEEE values; nullopt when absent or of another type.
-std::optional<double> PayloadNumber(const nlohmann::json& payload, const char* key);
+std::optional<double> PayloadNumber(const Json& payload, const char* key);
 
 // ---- Serialisation ---------------------------------------------------------
 
 // Pretty JSON (2-space indent) or one compact line, always UTF-8 safe
 // (invalid bytes are replaced rather than throwing).
-std::string ToJsonText(const nlohmann::json& value, bool pretty);
+std::string ToJsonText(const Json& value, bool pretty);
 // Block-style YAML of a JSON value. Strings that a YAML reader would take for
 // another type ("123", "true", "null", "", "1e5", ...) are double-quoted so the
 // document reads back with the same types.
-std::string ToYaml(const nlohmann::json& value);
+std::string ToYaml(const Json& value);
 
 // ---- Tables ----------------------------------------------------------------
 

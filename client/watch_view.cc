@@ -58,7 +58,7 @@ void WatchView::OnEvent(const v1::JobEvent& event, const v1::Job& job) {
   state_ = JobStateName(job.state());
   if (max_steps_ == 0) max_steps_ = job.spec().training().max_steps();
 
-  nlohmann::json p = EventPayload(event);
+  Json p = EventPayload(event);
   std::string prefix = event.rank() > 0 ? absl::StrCat("rank ", event.rank(), ": ") : "";
   switch (event.type()) {
     case v1::EVENT_TYPE_STEP: {

@@ -54,6 +54,11 @@ int main(int argc, char** argv) {
   tune::server::Config config;
   CLI::App app{"tune-server: the tunefleet coordinator (jobs, scheduling, workers, metrics)"};
   tune::server::AddConfigFlags(app, &config);
+  double metrics_retention_s = 3600;
+  app.add_option("--metrics-retention", metrics_retention_s,
+                 "Seconds a finished job's series stay on /metrics before they are removed "
+                 "(bounds the number of series; default 3600)")
+      ->check(CLI::Range(0.0, 30.0 * 24 * 3600));  // Up to 30 days.
   CLI11_PARSE(app, argc, argv);
 
   if (!tune::InitLogging("tune-server", config.log_level)) {
@@ -66,7 +71,9 @@ int main(int argc, char** argv) {
   auto store = tune::server::JobStore::Open(config.db);
   if (!store.ok()) return Fail(std::string(store.status().message()));
 
-  tune::server::ServerMetrics metrics;
+  tune::server::ServerMetricsOptions metrics_options;
+  metrics_options.retention = absl::Seconds(metrics_retention_s);
+  tune::server::ServerMetrics metrics(metrics_options);
   std::unique_ptr<prometheus::Exposer> exposer;
   if (!config.metrics_listen.empty()) {
     try {
@@ -75,7 +82,7 @@ int main(int argc, char** argv) {
       return Fail(absl::StrCat("--metrics-listen ", config.metrics_listen,
                                ": cannot listen: ", e.what()));
     }
-    exposer->RegisterCollectable(metrics.registry());
+    exposer->RegisterCollectable(metrics.collectable());
   }
 
   tune::server::CoordinatorOptions options;

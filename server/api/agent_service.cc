@@ -75,9 +75,12 @@ grpc::Status AgentServiceImpl::Session(
         result = ack.status();
         break;
       } else {
-        // Not acknowledged: the worker keeps the event and resends it.
-        spdlog::warn("worker {}: event not stored: {}", session->worker(),
-                     ack.status().ToString());
+        // Acks are cumulative, so a later ack would cover this event: end the session
+        // instead; the worker reconnects and resends everything not yet acknowledged.
+        spdlog::warn("worker {}: event not stored, ending the session so it is resent: {}",
+                     session->worker(), ack.status().ToString());
+        result = absl::UnavailableError("event not stored: " + std::string(ack.status().message()));
+        break;
       }
     } else if (msg.kind_case() == v1::AgentMessage::kSessionId) {
       spdlog::warn("worker {}: session_id sent twice on one stream; ignored", session->worker());

@@ -66,6 +66,14 @@ double JsonNumber(const nlohmann::json& obj, const char* key, double fallback) {
 
 bool IsGpuJob(const v1::JobSpec& spec) { return spec.resources().gpus() > 0; }
 
+// The gpu label of tune_gpu_memory_bytes for `rank` of `job`: the index of
+// the rank's reserved GPU, "cpu" for CPU jobs, "" for a rank out of range.
+std::string MetricsDevice(const JobRecord& job, int rank) {
+  if (!IsGpuJob(job.job.spec())) return rank >= 0 ? ServerMetrics::kCpuDevice : "";
+  if (rank < 0 || rank >= job.job.devices_size()) return "";
+  return std::to_string(job.job.devices(rank));
+}
+
 bool HoldsDevices(v1::JobState s) {
   return s == v1::JOB_STATE_SCHEDULED || s == v1::JOB_STATE_RUNNING;
 }
@@ -291,6 +299,7 @@ void Coordinator::AfterCommitLocked(const JobRecord& before, JobRecord updated,
     } else if (to == v1::JOB_STATE_SCHEDULED) {
       queued_since_.erase(id);
       pending_reasons_.erase(id);
+      if (metrics_) metrics_->JobStarted(id);
     } else if (to == v1::JOB_STATE_RUNNING) {
       unconfirmed_.erase(id);
     }
@@ -888,15 +897,23 @@ absl::StatusOr<v1::EventAck> Coordinator::HandleAgentEvent(AgentSession& session
                              JsonNumber(payload, "loss", 0), JsonNumber(payload, "grad_norm", 0),
                              JsonNumber(payload, "lr", 0), JsonNumber(payload, "tokens_per_s", 0));
       }
-      // Rank r runs on the r-th reserved GPU of the attempt.
-      if (current && IsGpuJob(before->job.spec()) && ev.rank() >= 0 &&
-          ev.rank() < before->job.devices_size()) {
-        const int gpu = before->job.devices(ev.rank());
-        metrics_->SetGpuMemory(w.info.name(), gpu, "allocated",
+      // Rank r runs on the r-th reserved GPU of the attempt; CPU ranks report
+      // under gpu="cpu".
+      const std::string device = current ? MetricsDevice(*before, ev.rank()) : "";
+      if (!device.empty()) {
+        metrics_->SetGpuMemory(w.info.name(), device, ServerMetrics::kAllocated,
                                JsonNumber(payload, "vram_allocated", 0));
-        metrics_->SetGpuMemory(w.info.name(), gpu, "reserved",
+        metrics_->SetGpuMemory(w.info.name(), device, ServerMetrics::kReserved,
                                JsonNumber(payload, "vram_reserved", 0));
-        metrics_->SetGpuMemory(w.info.name(), gpu, "peak", JsonNumber(payload, "vram_peak", 0));
+        metrics_->SetGpuMemory(w.info.name(), device, ServerMetrics::kPeak,
+                               JsonNumber(payload, "vram_peak", 0));
+      }
+    } else if (ev.type() == v1::EVENT_TYPE_PLAN && current && !IsGpuJob(before->job.spec())) {
+      // A GPU's total comes from the worker's heartbeats (NVML); a CPU rank
+      // has no such source, so the trainer's own figure is used.
+      if (const std::string device = MetricsDevice(*before, ev.rank()); !device.empty()) {
+        metrics_->SetGpuMemory(w.info.name(), device, ServerMetrics::kTotal,
+                               JsonNumber(payload, "device_memory_bytes", 0));
       }
     } else if (ev.type() == v1::EVENT_TYPE_NAN_ALERT && ev.rank() <= 0) {
       metrics_->IncNanAlerts(ev.job_id());  // Every rank sees the same all-reduced values.

@@ -1,6 +1,6 @@
 #include "server/metrics/metrics.h"
 
-#include <algorithm>
+#include <utility>
 
 namespace tune::server {
 
@@ -9,12 +9,42 @@ using prometheus::BuildGauge;
 using prometheus::BuildHistogram;
 
 namespace {
-const char* const kJobStates[] = {"QUEUED", "SCHEDULED", "RUNNING",
-                                  "SUCCEEDED", "FAILED", "CANCELLED"};
+
+const char* const kJobStates[] = {"QUEUED",    "SCHEDULED", "RUNNING",
+                                  "SUCCEEDED", "FAILED",    "CANCELLED"};
+
+// Serves the registry, sweeping expired jobs first so a scrape never shows
+// a job past its retention window even when nothing else happened since.
+class SweepingCollectable : public prometheus::Collectable {
+ public:
+  SweepingCollectable(ServerMetrics* metrics, std::shared_ptr<prometheus::Registry> registry)
+      : metrics_(metrics), registry_(std::move(registry)) {}
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    metrics_->Sweep();
+    return registry_->Collect();
+  }
+
+ private:
+  ServerMetrics* const metrics_;
+  const std::shared_ptr<prometheus::Registry> registry_;
+};
+
+template <typename T>
+void RemoveIfPresent(prometheus::Family<T>& family, const prometheus::Labels& labels) {
+  if (family.Has(labels)) family.Remove(&family.Add(labels));
+}
+
 }  // namespace
 
-ServerMetrics::ServerMetrics()
-    : registry_(std::make_shared<prometheus::Registry>()),
+const std::vector<double>& ServerMetrics::SchedulingLatencyBuckets() {
+  static const std::vector<double> kBuckets = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,   2.5,
+                                               5,    10,    30,   60,  120,  300, 600};
+  return kBuckets;
+}
+
+ServerMetrics::ServerMetrics(ServerMetricsOptions options)
+    : options_(std::move(options)),
+      registry_(std::make_shared<prometheus::Registry>()),
       jobs_(BuildGauge().Name("tune_jobs").Help("Jobs by state.").Register(*registry_)),
       queue_depth_(BuildGauge()
                        .Name("tune_queue_depth")
@@ -51,7 +81,7 @@ ServerMetrics::ServerMetrics()
                           .Register(*registry_)),
       gpu_memory_(BuildGauge()
                       .Name("tune_gpu_memory_bytes")
-                      .Help("GPU memory by worker, GPU index and kind "
+                      .Help("Device memory by worker, GPU index (or \"cpu\") and kind "
                             "(allocated|reserved|peak|total).")
                       .Register(*registry_)),
       scheduling_latency_(BuildHistogram()
@@ -62,9 +92,8 @@ ServerMetrics::ServerMetrics()
                          .Name("tune_grpc_requests_total")
                          .Help("gRPC requests by method and status code.")
                          .Register(*registry_)) {
-  scheduling_latency_hist_ = &scheduling_latency_.Add(
-      {}, prometheus::Histogram::BucketBoundaries{0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300,
-                                                  900, 3600, 4 * 3600, 24 * 3600});
+  collectable_ = std::make_shared<SweepingCollectable>(this, registry_);
+  scheduling_latency_hist_ = &scheduling_latency_.Add({}, SchedulingLatencyBuckets());
   for (const char* s : kJobStates) jobs_.Add({{"state", s}}).Set(0);
   queue_depth_.Add({}).Set(0);
   workers_.Add({{"state", "READY"}}).Set(0);
@@ -85,9 +114,22 @@ void ServerMetrics::SetWorkerCounts(int ready, int lost) {
   workers_.Add({{"state", "LOST"}}).Set(lost);
 }
 
+void ServerMetrics::TouchJobLocked(const std::string& job) {
+  // Counters start at 0 with the job: a series that appears only at its
+  // first increment hides that increment from rate()/increase().
+  nan_alerts_.Add({{"job", job}});
+  oom_recoveries_.Add({{"job", job}});
+}
+
+void ServerMetrics::JobStarted(const std::string& job) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TouchJobLocked(job);
+}
+
 void ServerMetrics::RecordStep(const std::string& job, double step, double loss,
                                double grad_norm, double lr, double tokens_per_s) {
   std::lock_guard<std::mutex> lock(mu_);
+  TouchJobLocked(job);
   job_step_.Add({{"job", job}}).Set(step);
   job_loss_.Add({{"job", job}}).Set(loss);
   job_grad_norm_.Add({{"job", job}}).Set(grad_norm);
@@ -97,17 +139,19 @@ void ServerMetrics::RecordStep(const std::string& job, double step, double loss,
 
 void ServerMetrics::IncNanAlerts(const std::string& job) {
   std::lock_guard<std::mutex> lock(mu_);
+  TouchJobLocked(job);
   nan_alerts_.Add({{"job", job}}).Increment();
 }
 
 void ServerMetrics::IncOomRecoveries(const std::string& job) {
   std::lock_guard<std::mutex> lock(mu_);
+  TouchJobLocked(job);
   oom_recoveries_.Add({{"job", job}}).Increment();
 }
 
-void ServerMetrics::SetGpuMemory(const std::string& worker, int gpu, const std::string& kind,
-                                 double bytes) {
-  gpu_memory_.Add({{"worker", worker}, {"gpu", std::to_string(gpu)}, {"kind", kind}}).Set(bytes);
+void ServerMetrics::SetGpuMemory(const std::string& worker, const std::string& gpu,
+                                 const std::string& kind, double bytes) {
+  gpu_memory_.Add({{"worker", worker}, {"gpu", gpu}, {"kind", kind}}).Set(bytes);
 }
 
 void ServerMetrics::ObserveSchedulingLatency(double seconds) {
@@ -120,22 +164,33 @@ void ServerMetrics::CountGrpcRequest(const std::string& method, const std::strin
 
 void ServerMetrics::JobFinished(const std::string& job) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (std::find(finished_.begin(), finished_.end(), job) != finished_.end()) return;
-  finished_.push_back(job);
-  while (finished_.size() > kKeepFinishedJobs) {
-    DropJobLocked(finished_.front());
-    finished_.pop_front();
+  const absl::Time now = options_.clock();
+  finished_.emplace(job, now);  // Keeps the first finish time.
+  SweepLocked(now);
+}
+
+void ServerMetrics::Sweep() {
+  std::lock_guard<std::mutex> lock(mu_);
+  SweepLocked(options_.clock());
+}
+
+void ServerMetrics::SweepLocked(absl::Time now) {
+  for (auto it = finished_.begin(); it != finished_.end();) {
+    if (now - it->second >= options_.retention) {
+      DropJobLocked(it->first);
+      it = finished_.erase(it);
+    } else {
+      ++it;
+    }
   }
 }
 
 void ServerMetrics::DropJobLocked(const std::string& job) {
   const prometheus::Labels labels{{"job", job}};
   for (auto* family : {&job_loss_, &job_grad_norm_, &job_lr_, &job_tokens_per_s_, &job_step_}) {
-    if (family->Has(labels)) family->Remove(&family->Add(labels));
+    RemoveIfPresent(*family, labels);
   }
-  for (auto* family : {&nan_alerts_, &oom_recoveries_}) {
-    if (family->Has(labels)) family->Remove(&family->Add(labels));
-  }
+  for (auto* family : {&nan_alerts_, &oom_recoveries_}) RemoveIfPresent(*family, labels);
 }
 
 }  // namespace tune::server

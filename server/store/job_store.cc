@@ -2,6 +2,9 @@
 
 #include <sqlite3.h>
 
+#include <cmath>
+#include <limits>
+
 #include <utility>
 
 #include "absl/strings/numbers.h"
@@ -38,7 +41,15 @@ class Stmt {
   // Binders take 1-based positions.
   void Bind(int i, int64_t v) { sqlite3_bind_int64(stmt_, i, v); }
   void Bind(int i, int v) { sqlite3_bind_int64(stmt_, i, v); }
-  void Bind(int i, double v) { sqlite3_bind_double(stmt_, i, v); }
+  // SQLite turns a NaN REAL into NULL; non-finite values (a NaN loss is an event worth
+  // keeping) are stored as the text "nan" / "inf" / "-inf" instead and read back by Double().
+  void Bind(int i, double v) {
+    if (std::isfinite(v)) {
+      sqlite3_bind_double(stmt_, i, v);
+    } else {
+      sqlite3_bind_text(stmt_, i, std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"), -1, SQLITE_STATIC);
+    }
+  }
   void Bind(int i, const std::string& v) {
     sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
   }
@@ -67,7 +78,15 @@ class Stmt {
   }
 
   int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
-  double Double(int col) { return sqlite3_column_double(stmt_, col); }
+  double Double(int col) {
+    if (sqlite3_column_type(stmt_, col) == SQLITE_TEXT) {
+      std::string t(reinterpret_cast<const char*>(sqlite3_column_text(stmt_, col)));
+      if (t == "inf") return std::numeric_limits<double>::infinity();
+      if (t == "-inf") return -std::numeric_limits<double>::infinity();
+      return std::numeric_limits<double>::quiet_NaN();
+    }
+    return sqlite3_column_double(stmt_, col);
+  }
   bool IsNull(int col) { return sqlite3_column_type(stmt_, col) == SQLITE_NULL; }
   std::string Text(int col) {
     const unsigned char* p = sqlite3_column_text(stmt_, col);

@@ -16,7 +16,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-int Run(const std::string& cmd) {
+int RunCmd(const std::string& cmd) {
   int rc = std::system(cmd.c_str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + WTERMSIG(rc);
 }
@@ -36,7 +36,7 @@ TEST(TrainerGpuTest, TinyNf4Bf16LossFalls) {
   fs::path dir = fs::temp_directory_path() / ("trainer_gpu_test_" + std::to_string(::getpid()));
   fs::remove_all(dir);
   fs::create_directories(dir);
-  ASSERT_EQ(Run(bin + "/tune-train init-model --preset tiny --tokenizer " TUNE_ASSETS_DIR "/llama3 --out " +
+  ASSERT_EQ(RunCmd(bin + "/tune-train init-model --preset tiny --tokenizer " TUNE_ASSETS_DIR "/llama3 --out " +
                 (dir / "model").string() + " --seed 1"),
             0);
   {
@@ -59,7 +59,7 @@ TEST(TrainerGpuTest, TinyNf4Bf16LossFalls) {
         << "output: {dir: " << (dir / "out").string() << "}\n"
         << "resources: {gpus: 1}\n";
   }
-  ASSERT_EQ(Run("cd " + dir.string() + " && " + bin + "/tune-train --config job.yaml > train.log 2>&1"), 0)
+  ASSERT_EQ(RunCmd("cd " + dir.string() + " && " + bin + "/tune-train --config job.yaml > train.log 2>&1"), 0)
       << "see " << (dir / "train.log");
   auto steps = ReadEvents(dir / "out" / "events.jsonl", "step");
   ASSERT_EQ(steps.size(), 60u);

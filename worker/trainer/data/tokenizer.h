@@ -10,12 +10,16 @@
 //  * normalizer: null (none).
 //  * pre_tokenizer: Split (Regex or String pattern; behaviours Isolated,
 //    Removed, MergedWithPrevious, MergedWithNext, Contiguous; invert),
-//    ByteLevel (add_prefix_space, use_regex), or a Sequence of those.
+//    ByteLevel (add_prefix_space, use_regex), or a Sequence of those (each
+//    variant is checked against the reference in the unit tests).
 //  * model: BPE over the ByteLevel alphabet (merges as "a b" strings or
 //    [a, b] pairs, ignore_merges honoured, no dropout, no unk/byte_fallback).
 //  * added_tokens: matched on the raw text before BPE, leftmost-longest, with
-//    the `lstrip`, `rstrip`, `single_word` and `normalized` flags; `special`
-//    decides what Decode(skip_special_tokens=true) drops.
+//    the `lstrip`, `rstrip`, `single_word` (Rust `\w` boundaries) and
+//    `normalized` flags; `special` decides what Decode(skip_special_tokens=true)
+//    drops. Their ids must be the ones the reference assigns (the vocab id when
+//    the content is a vocab entry, else the next id after the vocab, in file
+//    order); a file that disagrees is rejected rather than renumbered.
 //  * post_processor: ByteLevel (no id change), TemplateProcessing ($A plus
 //    special tokens), Sequence of those.
 //  * decoder: ByteLevel (bytes reassembled, invalid UTF-8 replaced by U+FFFD

@@ -1,0 +1,167 @@
+// LlamaForCausalLM for QLoRA training: frozen base (NF4 or compute-dtype),
+// trainable fp32 LoRA adapters, per-layer gradient checkpointing, chunked
+// cross-entropy. Weights come from a Hugging Face model directory.
+//
+// Parameter names follow HF (model.layers.N.self_attn.q_proj.weight, ...);
+// LoRA parameters follow PEFT relative to the model
+// (model.layers.N.self_attn.q_proj.lora_A.weight).
+#ifndef TUNE_WORKER_TRAINER_MODEL_LLAMA_H_
+#define TUNE_WORKER_TRAINER_MODEL_LLAMA_H_
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "worker/trainer/model/llama_config.h"
+#include "worker/trainer/model/nf4.h"
+
+namespace tune::model {
+
+struct LoraOptions {
+  int r = 16;
+  double alpha = 16, dropout = 0;
+  // Module names among q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+  std::vector<std::string> targets;
+  bool rslora = false;
+  // alpha / r, or alpha / sqrt(r) with rslora (PEFT).
+  double Scaling() const;
+};
+
+struct LoadOptions {
+  std::string base = "nf4";  // nf4 | bf16 (bf16 keeps base linears in compute dtype)
+  bool double_quant = true;
+  int block_size = 64;
+  torch::Device device = torch::kCPU;
+  torch::ScalarType compute_dtype = torch::kBFloat16;  // kFloat32 allowed (CPU exact tests)
+  LoraOptions lora;
+  uint64_t seed = 0;  // LoRA A init (kaiming-uniform a=sqrt(5) like PEFT); B = 0
+};
+
+// The names of the seven Llama linear modules LoRA may target.
+const std::vector<std::string>& LinearModuleNames();
+
+// A frozen linear y = x W^T whose weight is held either in compute dtype or as
+// NF4 (dequantised right before each matmul and again in backward; only the
+// quantised form is kept alive), plus an optional LoRA branch
+// (dropout(x) A^T B^T * scaling, A/B fp32 leaves cast to compute dtype).
+class LinearWithLora {
+ public:
+  LinearWithLora() = default;
+  // `weight` [out,in] any float dtype on any device.
+  void SetBase(const torch::Tensor& weight, const LoadOptions& opts);
+  // Creates A [r,in] (kaiming-uniform a=sqrt(5), from `gen`) and B [out,r] = 0.
+  void EnableLora(const LoraOptions& lora, torch::Device device, at::Generator gen);
+  torch::Tensor Forward(const torch::Tensor& x, bool training) const;
+  // Base weight in `dtype` (dequantised if NF4).
+  torch::Tensor BaseWeight(torch::ScalarType dtype) const;
+  bool has_lora() const { return lora_a_.defined(); }
+  torch::Tensor& lora_a() { return lora_a_; }
+  torch::Tensor& lora_b() { return lora_b_; }
+  double scaling() const { return scaling_; }
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
+  bool quantized() const { return nf4_.has_value(); }
+  int64_t StorageBytes() const;  // base weight bytes as held on device
+
+ private:
+  int64_t in_ = 0, out_ = 0;
+  torch::ScalarType compute_dtype_ = torch::kBFloat16;
+  torch::Tensor weight_;               // compute dtype, requires_grad=false
+  std::optional<nf4::Nf4Tensor> nf4_;  // or NF4
+  torch::Tensor lora_a_, lora_b_;      // fp32 leaves requiring grad
+  double scaling_ = 0, dropout_ = 0;
+};
+
+struct DecoderLayer {
+  torch::Tensor input_layernorm, post_attention_layernorm;  // [H], compute dtype
+  LinearWithLora q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+  LinearWithLora* Linear(const std::string& name);  // by module name; nullptr if unknown
+};
+
+class LlamaForCausalLM : public torch::nn::Module {
+ public:
+  // Streams safetensors tensor by tensor (quantising base linears as they
+  // load). Throws std::runtime_error with clear messages (missing tensors,
+  // shape mismatches, unknown LoRA targets, bad options).
+  static std::shared_ptr<LlamaForCausalLM> Load(const std::string& model_dir,
+                                                const LoadOptions& opts);
+  // Builds from a config and a tensor source `get(name)` (tests, export).
+  static std::shared_ptr<LlamaForCausalLM> FromTensors(
+      const LlamaConfig& config, const std::function<torch::Tensor(const std::string&)>& get,
+      const LoadOptions& opts);
+
+  const LlamaConfig& config() const { return config_; }
+  const LoadOptions& options() const { return opts_; }
+
+  // input_ids, position_ids: int64 [B,T]; segment_ids: int64 [B,T] or
+  // undefined (packing: attention only within equal ids, causal).
+  // Returns final-norm hidden states [B,T,H] in compute dtype.
+  torch::Tensor ForwardHidden(const torch::Tensor& input_ids, const torch::Tensor& position_ids,
+                              const torch::Tensor& segment_ids = {});
+  // Sum of token cross-entropies over labels != -100 (fp32 scalar), computed
+  // in chunks of `chunk_tokens` tokens so full fp32 logits are never
+  // materialised. labels are already shifted (labels[b,t] is the target for
+  // position t).
+  torch::Tensor LossSum(const torch::Tensor& hidden, const torch::Tensor& labels,
+                        int64_t chunk_tokens = 1024);
+  // Full logits [B,T,V] in fp32 (tests / eval on small inputs).
+  torch::Tensor Logits(const torch::Tensor& hidden);
+  void SetGradientCheckpointing(bool on) { checkpointing_ = on; }
+  bool gradient_checkpointing() const { return checkpointing_; }
+  void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
+
+  // LoRA parameters in a fixed order (layer, then module in
+  // LinearModuleNames() order, A before B) with PEFT-style names relative to
+  // the model, e.g. "model.layers.0.self_attn.q_proj.lora_A.weight"
+  // (fp32, requires_grad). The tensors are the live parameters.
+  std::vector<std::pair<std::string, torch::Tensor>> LoraParameters();
+  // Copies adapter weights in by the same names. Every LoRA parameter must be
+  // present with its exact shape; unknown names are errors.
+  void LoadLoraState(const std::vector<std::pair<std::string, torch::Tensor>>& state);
+  int64_t NumLoraParameters();
+
+  // Accessors for export.
+  std::vector<DecoderLayer>& layers() { return layers_; }
+  const torch::Tensor& embed_tokens() const { return embed_; }
+  const torch::Tensor& final_norm() const { return norm_; }
+  const torch::Tensor& lm_head() const { return lm_head_; }  // == embed when tied
+  // Bytes of base weights as stored on device (NF4 packed + absmax, or dense).
+  int64_t BaseStorageBytes() const;
+
+ private:
+  LlamaForCausalLM(LlamaConfig config, LoadOptions opts);
+  torch::Tensor LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
+                             const torch::Tensor& sin, const torch::Tensor& segment_ids);
+
+  LlamaConfig config_;
+  LoadOptions opts_;
+  torch::Tensor embed_, norm_, lm_head_;
+  std::vector<DecoderLayer> layers_;
+  torch::Tensor inv_freq_;  // fp32 on device
+  bool checkpointing_ = false;
+  bool training_ = true;
+};
+
+// Random-init model in HF layout: config.json, model.safetensors (sharded as
+// model-0000i-of-0000n.safetensors + model.safetensors.index.json above 2 GB),
+// tokenizer.json + tokenizer_config.json copied from tokenizer_dir (plus
+// special_tokens_map.json when present), generation_config.json.
+// preset: "tiny" (vocab 128256, hidden 64, 2 layers, 4 heads, 2 kv heads,
+// intermediate 192, tied embeddings, rope_theta 500000), "llama3-8b" (Llama 3.1
+// 8B shapes with llama3 rope scaling), or a path to a config.json (CUSTOM).
+// Init: normal(0, 0.02) for embeddings and linears, 1.0 for norms. dtype:
+// "bf16" | "fp32". Streams shard by shard: host memory peaks near one shard.
+// Deterministic in `seed`. Throws std::runtime_error.
+void InitModel(const std::string& preset, const std::string& tokenizer_dir,
+               const std::string& out_dir, uint64_t seed, const std::string& dtype = "bf16");
+// The config a preset name stands for (throws for unknown presets).
+LlamaConfig PresetConfig(const std::string& preset);
+
+}  // namespace tune::model
+
+#endif  // TUNE_WORKER_TRAINER_MODEL_LLAMA_H_

@@ -1,0 +1,67 @@
+// The functional building blocks of the Llama decoder, exposed for tests and
+// for the model in llama.cc. All follow Hugging Face transformers' Llama
+// numerics (noted per function) so the same weights give the same logits.
+#ifndef TUNE_WORKER_TRAINER_MODEL_LLAMA_OPS_H_
+#define TUNE_WORKER_TRAINER_MODEL_LLAMA_OPS_H_
+
+#include <torch/torch.h>
+
+#include <functional>
+
+#include "worker/trainer/model/llama_config.h"
+
+namespace tune::model::ops {
+
+// RoPE inverse frequencies, fp32 [head_dim/2], computed with the same fp32
+// tensor ops as HF's `_compute_default_rope_parameters` and, for
+// rope_scaling type "llama3", `_compute_llama3_parameters`.
+torch::Tensor RopeInvFreq(const LlamaConfig& config);
+
+// cos/sin [B,T,head_dim] in `dtype` for int64 position_ids [B,T]: freqs
+// computed in fp32, emb = cat(freqs, freqs) (HF convention), then cast.
+std::pair<torch::Tensor, torch::Tensor> RopeCosSin(const torch::Tensor& inv_freq,
+                                                    const torch::Tensor& position_ids,
+                                                    torch::ScalarType dtype);
+
+// x [B,heads,T,d] * cos + rotate_half(x) * sin with cos/sin [B,T,d]
+// (rotate_half(x) = cat(-x2, x1)).
+torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+// HF LlamaRMSNorm: variance in fp32, normalised x cast back to the input
+// dtype, then multiplied by weight.
+torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
+// Causal (optionally segment-restricted) GQA attention.
+// q [B,Hq,T,d], k/v [B,Hkv,T,d] with Hq % Hkv == 0; segment_ids int64 [B,T]
+// or undefined. Position t attends to s <= t with segment_ids equal (packing).
+// Returns [B,Hq,T,d]. Scale 1/sqrt(d).
+// On torch >= 2 uses at::scaled_dot_product_attention (is_causal without
+// segments; a boolean mask with them; K/V expanded only when the kernel
+// cannot group heads itself). On torch 1.13 (or force_math) computes
+// softmax(QK^T * scale + mask) V exactly, softmax in fp32.
+torch::Tensor Attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& segment_ids, bool force_math = false);
+
+// Boolean [B,1,T,T] mask: true where attention is allowed.
+torch::Tensor CausalSegmentMask(const torch::Tensor& segment_ids, int64_t T, torch::Device device);
+
+// Sum over positions with labels != -100 of -log_softmax(hidden @ weight^T)[label],
+// fp32 scalar. hidden [..., H] (compute dtype), weight [V, H], labels int64
+// with hidden's leading shape. Processes `chunk_tokens` rows at a time; the
+// custom backward recomputes each chunk's logits, so memory never holds more
+// than one chunk of [chunk, V] logits (forward or backward). Gradient flows to
+// hidden, and to weight when weight requires grad.
+torch::Tensor ChunkedCrossEntropySum(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                     const torch::Tensor& labels, int64_t chunk_tokens);
+
+// Gradient checkpointing: runs fn(x) without building a graph and keeps only
+// x; in backward re-runs fn with grad enabled (restoring the RNG state of x's
+// device first, so dropout masks repeat) and backpropagates into x and
+// `params` (which must be the leaves fn uses that need grads). Output equals
+// fn(x); gradients equal those of running fn(x) directly.
+torch::Tensor Checkpoint(const std::function<torch::Tensor(const torch::Tensor&)>& fn,
+                         const torch::Tensor& x, const std::vector<torch::Tensor>& params);
+
+}  // namespace tune::model::ops
+
+#endif  // TUNE_WORKER_TRAINER_MODEL_LLAMA_OPS_H_
