@@ -7,6 +7,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
 #ifdef TUNE_HAVE_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -15,6 +16,14 @@
 
 namespace tune::train {
 namespace {
+
+// torch 2.x split process groups into a ProcessGroup front and per-device Backends
+// (ProcessGroupGloo/NCCL derive from Backend); 1.13 has only ProcessGroup.
+#if TORCH_VERSION_MAJOR >= 2
+using PgBase = c10d::Backend;
+#else
+using PgBase = c10d::ProcessGroup;
+#endif
 
 class LocalCommunicator : public Communicator {
  public:
@@ -29,7 +38,7 @@ bool IsLoopback(const std::string& addr) {
 
 class ProcessGroupCommunicator : public Communicator {
  public:
-  ProcessGroupCommunicator(int rank, int world, std::string backend, c10::intrusive_ptr<c10d::ProcessGroup> pg,
+  ProcessGroupCommunicator(int rank, int world, std::string backend, c10::intrusive_ptr<PgBase> pg,
                            torch::Device device)
       : Communicator(rank, world, std::move(backend)), pg_(std::move(pg)), device_(device) {}
 
@@ -51,7 +60,7 @@ class ProcessGroupCommunicator : public Communicator {
   }
 
  private:
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  c10::intrusive_ptr<PgBase> pg_;
   torch::Device device_;
 };
 
@@ -74,7 +83,7 @@ std::unique_ptr<Communicator> Communicator::Create(const DistEnv& env, const tor
                              " failed (rank " + std::to_string(env.rank) + " of " +
                              std::to_string(env.world_size) + "): " + e.what());
   }
-  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  c10::intrusive_ptr<PgBase> pg;
   std::string backend;
 #ifdef TUNE_HAVE_C10D_NCCL
   if (device.is_cuda()) {
