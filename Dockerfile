@@ -99,10 +99,13 @@ WORKDIR /var/lib/tunefleet
 ENV TUNE_WORK_DIR=/var/lib/tunefleet/work \
     TUNE_TRAINER=/usr/local/bin/tune-train \
     TUNE_GPUS=all \
+    TUNE_WORKER_METRICS_LISTEN=0.0.0.0:9091 \
     NCCL_NVLS_ENABLE=0 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-# The worker has no port of its own: healthy = it can reach its server (TUNE_SERVER).
+# 9091: the worker's own /metrics (GPU memory and utilisation, slots, connection).
+EXPOSE 9091
+# Healthy = it can reach its server (TUNE_SERVER).
 # (No --start-period: dockerfilelint 1.8 misparses it; 3 x 30 s covers start-up.)
 HEALTHCHECK --interval=30s --timeout=10s --retries=3 \
   CMD ["/usr/local/bin/tunectl", "--timeout", "5", "workers"]

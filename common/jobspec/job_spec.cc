@@ -419,7 +419,8 @@ std::vector<SpecError> ValidateJobSpec(JobSpec* s, const ValidateOptions& opts) 
   s->output.dir = Absolute(s->output.dir, opts.base_dir);
 
   // dataset
-  c.OneOf("dataset.format", s->dataset.format, {"auto", "text", "prompt_completion", "messages", "sharegpt"});
+  c.OneOf("dataset.format", s->dataset.format,
+          {"auto", "text", "prompt_completion", "messages", "sharegpt", "tokens"});
   c.OneOf("dataset.chat_template", s->dataset.chat_template,
           {"auto", "llama-3", "llama-3.1", "chatml", "mistral", "alpaca"});
   c.OneOf("dataset.train_on", s->dataset.train_on, {"completions", "all"});

@@ -33,7 +33,7 @@ struct SpecError {
 
 struct DatasetSpec {
   std::string path;                        // JSONL file. Required.
-  std::string format = "auto";             // auto|text|prompt_completion|messages|sharegpt
+  std::string format = "auto";             // auto|text|prompt_completion|messages|sharegpt|tokens
   std::string chat_template = "auto";      // auto|llama-3|llama-3.1|chatml|mistral|alpaca
   std::string train_on = "completions";    // completions|all
   int max_seq_length = 2048;

@@ -30,6 +30,8 @@ const CRD_FIELDS = {
   // operator drops (or a typo) is caught here.
   'ServiceMonitor.spec': ['selector', 'namespaceSelector', 'endpoints', 'jobLabel', 'targetLabels', 'podTargetLabels', 'sampleLimit', 'attachMetadata'],
   'ServiceMonitor.spec.endpoints[]': ['port', 'targetPort', 'path', 'scheme', 'interval', 'scrapeTimeout', 'honorLabels', 'honorTimestamps', 'metricRelabelings', 'relabelings', 'params', 'tlsConfig', 'authorization', 'basicAuth', 'bearerTokenSecret', 'followRedirects', 'enableHttp2', 'proxyUrl'],
+  'PodMonitor.spec': ['selector', 'namespaceSelector', 'podMetricsEndpoints', 'jobLabel', 'podTargetLabels', 'sampleLimit', 'attachMetadata'],
+  'PodMonitor.spec.podMetricsEndpoints[]': ['port', 'portNumber', 'targetPort', 'path', 'scheme', 'interval', 'scrapeTimeout', 'honorLabels', 'honorTimestamps', 'metricRelabelings', 'relabelings', 'params', 'tlsConfig', 'authorization', 'basicAuth', 'bearerTokenSecret', 'followRedirects', 'enableHttp2', 'proxyUrl'],
   'PrometheusRule.spec': ['groups'],
   'PrometheusRule.spec.groups[]': ['name', 'interval', 'rules', 'partial_response_strategy', 'limit', 'query_offset', 'labels'],
   'PrometheusRule.spec.groups[].rules[]': ['record', 'alert', 'expr', 'for', 'keep_firing_for', 'labels', 'annotations'],
@@ -94,6 +96,7 @@ function walkCrd(kind, obj, out) {
   };
   check(`${kind}.spec`, obj.spec, 'spec');
   if (kind === 'ServiceMonitor') (obj.spec?.endpoints || []).forEach((e, i) => check('ServiceMonitor.spec.endpoints[]', e, `spec.endpoints[${i}]`));
+  if (kind === 'PodMonitor') (obj.spec?.podMetricsEndpoints || []).forEach((e, i) => check('PodMonitor.spec.podMetricsEndpoints[]', e, `spec.podMetricsEndpoints[${i}]`));
   if (kind === 'PrometheusRule') {
     (obj.spec?.groups || []).forEach((g, i) => {
       check('PrometheusRule.spec.groups[]', g, `spec.groups[${i}]`);

@@ -21,30 +21,35 @@
 namespace tune::worker {
 namespace {
 
-// HOST:PORT with a non-empty host (IPv6 in brackets) and a port in 1..65535;
-// gRPC's own "unix:" addresses pass as they are.
-absl::Status CheckServerAddress(const std::string& address) {
-  const std::string fix =
-      " Pass --server HOST:PORT (e.g. 127.0.0.1:7070) or set TUNE_SERVER.";
-  if (absl::StartsWith(address, "unix:")) return absl::OkStatus();
+// HOST:PORT with a non-empty host (IPv6 in brackets) and a port in 1..65535.
+// `fix` ends every error; `flag` starts it.
+absl::Status CheckHostPort(const std::string& address, const std::string& flag,
+                           const std::string& fix) {
   const size_t colon = address.rfind(':');
   if (colon == std::string::npos || colon == 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--server: '", address, "' is not HOST:PORT.", fix));
+        absl::StrCat(flag, ": '", address, "' is not HOST:PORT.", fix));
   }
   std::string host = address.substr(0, colon);
   if (host.front() == '[' ? host.back() != ']' || host.size() < 3
                           : host.find(':') != std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--server: host '", host, "' is malformed (IPv6 addresses go in brackets, [::1]:7070).",
+        flag, ": host '", host, "' is malformed (IPv6 addresses go in brackets, [::1]:7070).",
         fix));
   }
   int port = 0;
   if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--server: port '", address.substr(colon + 1), "' must be a number in 1..65535.", fix));
+        flag, ": port '", address.substr(colon + 1), "' must be a number in 1..65535.", fix));
   }
   return absl::OkStatus();
+}
+
+// gRPC's own "unix:" addresses pass as they are.
+absl::Status CheckServerAddress(const std::string& address) {
+  if (absl::StartsWith(address, "unix:")) return absl::OkStatus();
+  return CheckHostPort(address, "--server",
+                       " Pass --server HOST:PORT (e.g. 127.0.0.1:7070) or set TUNE_SERVER.");
 }
 
 std::string HostName() {
@@ -142,9 +147,13 @@ absl::Status Config::Validate() {
         "--log-level: '", log_level, "' is not one of trace, debug, info, warn, error."));
   }
   if (!metrics_listen.empty()) {
-    return absl::UnimplementedError(
-        "--metrics-listen: tune-worker does not serve metrics yet; GPU numbers reach "
-        "Prometheus through tune-server's /metrics. Remove the flag.");
+    if (absl::Status s = CheckHostPort(
+            metrics_listen, "--metrics-listen",
+            " Pass the address Prometheus scrapes, e.g. --metrics-listen 0.0.0.0:9091 "
+            "(or TUNE_WORKER_METRICS_LISTEN), or leave it out to serve no metrics.");
+        !s.ok()) {
+      return s;
+    }
   }
   return absl::OkStatus();
 }
@@ -177,7 +186,8 @@ void AddConfigFlags(CLI::App& app, Config* config) {
       ->envname("TUNE_LOG_LEVEL")
       ->capture_default_str();
   app.add_option("--metrics-listen", config->metrics_listen,
-                 "Reserved: Prometheus endpoint HOST:PORT (not served yet)")
+                 "Serve Prometheus /metrics (GPU memory/utilisation, health) on "
+                 "HOST:PORT (default: off)")
       ->envname("TUNE_WORKER_METRICS_LISTEN");
   UseYamlConfigFile(app);
 }

@@ -48,7 +48,7 @@ struct Config {
   double cancel_grace_s = 10;
   // trace | debug | info | warn | error.
   std::string log_level = "info";
-  // Reserved for a Prometheus endpoint on the worker; "" disables it.
+  // HOST:PORT for Prometheus /metrics (worker_metrics.h); "" serves none.
   std::string metrics_listen;
 
   // Filled by Validate from `gpus`.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -82,9 +83,11 @@ class NvmlProbe : public GpuProbe {
     std::vector<GpuReading> out;
     for (unsigned i = 0; i < count; ++i) {
       NvmlDevice device = nullptr;
+      // One broken GPU (fallen off the bus, being reset) must not hide the
+      // others: it is left out, and said once.
       if (NvmlReturn rc = get_handle_(i, &device); rc != 0) {
-        return absl::UnavailableError(
-            absl::StrCat("nvmlDeviceGetHandleByIndex_v2(", i, "): ", Error(rc)));
+        WarnOnce(i, "nvmlDeviceGetHandleByIndex_v2", rc);
+        continue;
       }
       GpuReading g;
       g.index = static_cast<int>(i);
@@ -94,11 +97,12 @@ class NvmlProbe : public GpuProbe {
       if (get_uuid_(device, text, kNvmlStringSize) == 0) g.uuid = text;
       NvmlMemory memory{};
       if (NvmlReturn rc = get_memory_(device, &memory); rc != 0) {
-        return absl::UnavailableError(
-            absl::StrCat("nvmlDeviceGetMemoryInfo(", i, "): ", Error(rc)));
+        WarnOnce(i, "nvmlDeviceGetMemoryInfo", rc);
+        g.memory_used_known = false;
+      } else {
+        g.memory_total_bytes = static_cast<int64_t>(memory.total);
+        g.memory_used_bytes = static_cast<int64_t>(memory.used);
       }
-      g.memory_total_bytes = static_cast<int64_t>(memory.total);
-      g.memory_used_bytes = static_cast<int64_t>(memory.used);
       NvmlUtilization util{};
       // Not supported on every device (e.g. MIG instances): -1 then.
       if (get_utilization_(device, &util) == 0) g.utilization_percent = static_cast<int>(util.gpu);
@@ -115,6 +119,13 @@ class NvmlProbe : public GpuProbe {
     const char* s = error_string_ ? error_string_(rc) : nullptr;
     return s ? std::string(s) : absl::StrCat("NVML error ", rc);
   }
+  // Samples repeat every few seconds: a persistent per-GPU error is logged
+  // the first time only. Read() runs on one thread at a time (see GpuProbe).
+  void WarnOnce(unsigned index, const char* call, NvmlReturn rc) {
+    if (warned_.insert({index, call}).second) {
+      spdlog::warn("NVML {}(GPU {}): {}; leaving that reading out", call, index, Error(rc));
+    }
+  }
 
   void* lib_ = nullptr;
   NvmlReturn (*init_)() = nullptr;
@@ -126,6 +137,7 @@ class NvmlProbe : public GpuProbe {
   NvmlReturn (*get_uuid_)(NvmlDevice, char*, unsigned) = nullptr;
   NvmlReturn (*get_utilization_)(NvmlDevice, NvmlUtilization*) = nullptr;
   const char* (*error_string_)(NvmlReturn) = nullptr;
+  std::set<std::pair<unsigned, std::string>> warned_;
 };
 
 class NvidiaSmiProbe : public GpuProbe {
@@ -201,6 +213,7 @@ absl::StatusOr<std::vector<GpuReading>> ParseNvidiaSmiCsv(std::string_view csv) 
     int64_t used_mib = 0;
     if (IsNotAvailable(fields[n - 2])) {
       used_mib = 0;
+      g.memory_used_known = false;
     } else if (!absl::SimpleAtoi(fields[n - 2], &used_mib) || used_mib < 0) {
       return bad("bad memory.used");
     }
@@ -305,13 +318,16 @@ std::vector<GpuReading> GpuInventory::Sample() {
   for (const GpuReading& g : offered_) {
     GpuReading r = g;
     r.memory_used_bytes = 0;
+    r.memory_used_known = false;
     r.utilization_percent = -1;
     if (fresh.ok()) {
       for (const GpuReading& f : *fresh) {
-        if (f.index == g.index) {
+        if (f.index != g.index) continue;
+        r.utilization_percent = f.utilization_percent;
+        if (f.memory_used_known) {
           r.memory_used_bytes = f.memory_used_bytes;
           r.memory_total_bytes = f.memory_total_bytes;
-          r.utilization_percent = f.utilization_percent;
+          r.memory_used_known = true;
         }
       }
     }
@@ -324,6 +340,7 @@ GpuSampler::GpuSampler(GpuInventory* inventory, absl::Duration period)
     : inventory_(inventory), period_(period) {
   for (GpuReading g : inventory_->offered()) {
     g.memory_used_bytes = 0;
+    g.memory_used_known = false;
     g.utilization_percent = -1;
     latest_.push_back(std::move(g));
   }

@@ -30,6 +30,10 @@ struct GpuReading {
   int64_t memory_total_bytes = 0;
   int64_t memory_used_bytes = 0;
   int utilization_percent = -1;  // -1 when the driver does not say.
+  // False when memory_used_bytes is not a live reading: the driver did not
+  // say ("[N/A]", an NVML error for this GPU), the sample failed, or no sample
+  // was taken yet. memory_used_bytes is 0 then; /metrics leaves the series out.
+  bool memory_used_known = true;
 };
 
 // A source of GPU readings. Read() returns every GPU of the machine.
@@ -42,7 +46,10 @@ class GpuProbe {
 };
 
 // NVML through dlopen; nullptr (with the reason in *why when given) when the
-// library or one of its symbols is missing or nvmlInit fails.
+// library or one of its symbols is missing or nvmlInit fails. Errors of one
+// GPU do not fail Read(): a GPU whose handle cannot be had is left out, one
+// whose memory cannot be read has memory_used_known false; each (GPU, call)
+// error is logged once at warn.
 std::unique_ptr<GpuProbe> OpenNvmlProbe(std::string* why = nullptr);
 
 // Runs `binary --query-gpu=index,name,memory.total,uuid,memory.used,utilization.gpu
@@ -75,8 +82,9 @@ class GpuInventory {
   const std::vector<GpuReading>& offered() const { return offered_; }
   std::string source() const { return probe_ ? probe_->Source() : "none"; }
 
-  // Fresh readings of the offered GPUs; on a probe error the last known
-  // totals with used memory 0 and utilisation -1. Thread-safe only when called
+  // Fresh readings of the offered GPUs; on a probe error (or for a GPU the
+  // probe could not read) the last known totals with used memory unknown
+  // (memory_used_known false, 0) and utilisation -1. Thread-safe only when called
   // from one thread at a time (the heartbeat loop).
   std::vector<GpuReading> Sample();
 
@@ -91,7 +99,8 @@ class GpuSampler {
  public:
   GpuSampler(GpuInventory* inventory, absl::Duration period);
   ~GpuSampler();
-  // The newest sample (the offered GPUs with unknown usage before the first).
+  // The newest sample (the offered GPUs with unknown usage before the first:
+  // memory_used_known false, utilisation -1).
   std::vector<GpuReading> Latest() const;
 
  private:

@@ -4,12 +4,15 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 
 #include <CLI/CLI.hpp>
+#include <prometheus/exposer.h>
 
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -19,7 +22,9 @@
 #include "worker/agent/coordinator_link.h"
 #include "worker/agent/event_relay.h"
 #include "worker/agent/gpu_inventory.h"
+#include "worker/agent/host_stats.h"
 #include "worker/agent/rank_launcher.h"
+#include "worker/agent/worker_metrics.h"
 
 #ifndef TUNE_VERSION
 #define TUNE_VERSION "dev"
@@ -144,6 +149,42 @@ int Run(Config config) {
   });
 
   CoordinatorLink link(link_options, &outbox, callbacks);
+
+  // /metrics is refreshed on each scrape rather than on a timer: the health
+  // numbers are exact at scrape time, nothing runs when nobody scrapes, and
+  // GPU numbers come from the heartbeat sampler (at most kGpuSamplePeriod
+  // old), so a scrape never waits for NVML or a slow nvidia-smi. Declared
+  // after everything it reads, so the exposer is destroyed first.
+  HostSampler host_sampler;
+  const int offered_gpus = static_cast<int>(gpu_indices.size());
+  WorkerMetrics metrics(config.name, [&] {
+    WorkerSnapshot snap;
+    const RankLauncher::Usage usage = launcher.CurrentUsage();
+    snap.health.connected = link.connected();
+    snap.health.gpus_busy = usage.gpus;
+    snap.health.gpus_free = std::max(0, offered_gpus - usage.gpus);
+    snap.health.cpu_slots_busy = usage.cpu_slots;
+    snap.health.cpu_slots_free = std::max(0, cpu_slots - usage.cpu_slots);
+    snap.health.ranks_running = usage.ranks;
+    snap.health.outbox_events = static_cast<int64_t>(outbox.unacked());
+    std::optional<HostSampler::Reading> host;
+    if (cpu_slots > 0) host = host_sampler.Read();
+    snap.devices = DeviceSamples(sampler.Latest(), host);
+    return snap;
+  });
+  std::unique_ptr<prometheus::Exposer> exposer;
+  if (!config.metrics_listen.empty()) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(config.metrics_listen);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "tune-worker: --metrics-listen %s: cannot listen: %s\n",
+                   config.metrics_listen.c_str(), e.what());
+      return 2;
+    }
+    exposer->RegisterCollectable(metrics.collectable());
+    spdlog::info("metrics on http://{}/metrics", config.metrics_listen);
+  }
+
   link.Start();
 
   int sig = 0;

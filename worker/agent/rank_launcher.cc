@@ -361,6 +361,18 @@ std::vector<AttemptKey> RankLauncher::Running() const {
   return out;
 }
 
+RankLauncher::Usage RankLauncher::CurrentUsage() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  Usage usage;
+  for (const auto& [key, attempt] : running_) {
+    const v1::Assignment& a = attempt->assignment;
+    usage.gpus += a.gpus_size();
+    usage.cpu_slots += a.gpus_size() > 0 ? 0 : a.cpu_ranks();
+    usage.ranks += a.gpus_size() > 0 ? a.gpus_size() : a.cpu_ranks();
+  }
+  return usage;
+}
+
 void RankLauncher::StopAll(absl::Duration grace) {
   std::vector<std::shared_ptr<Attempt>> attempts;
   {

@@ -113,6 +113,14 @@ class RankLauncher {
 
   // Attempts whose ranks are running or being stopped.
   std::vector<AttemptKey> Running() const;
+  // What those attempts hold: GPUs and CPU slots of their assignments, and
+  // their ranks (one tune-train process each). For /metrics.
+  struct Usage {
+    int gpus = 0;
+    int cpu_slots = 0;
+    int ranks = 0;
+  };
+  Usage CurrentUsage() const;
 
   // Worker shutdown: stops every attempt (SIGTERM, SIGKILL after `grace`) and
   // waits for the supervisors. These attempts get no `exited` event: the

@@ -99,7 +99,14 @@ TrainConfig TrainConfig::FromYaml(const std::string& yaml_text, const std::strin
 
   const std::string& p = s.training.precision;
   if (p == "fp16") {
-    throw ConfigError(source + ": training.precision: fp16 (loss scaling) is not supported; use bf16 or fp32");
+    // Debian's CPU libtorch has no fp16 matmul kernels; fp16 is a GPU mode.
+    if (!cfg.use_cuda) {
+      throw ConfigError(source +
+                        ": training.precision: fp16 needs a CUDA GPU (CPU libtorch has no fp16 matmuls); use "
+                        "bf16 or fp32 on CPU ranks, or request resources.gpus");
+    }
+    cfg.compute_dtype = "fp16";
+    cfg.precision_note = "fp16 as requested, with dynamic loss scaling";
   } else if (p == "bf16") {
     cfg.compute_dtype = "bf16";
     cfg.precision_note = "bf16 as requested";
@@ -107,6 +114,8 @@ TrainConfig TrainConfig::FromYaml(const std::string& yaml_text, const std::strin
     cfg.compute_dtype = "fp32";
     cfg.precision_note = "fp32 as requested";
   } else if (cfg.use_cuda) {
+    // Provisional: the trainer checks the GPU's compute capability once it
+    // has a device and falls back to fp16 + loss scaling before sm_80.
     cfg.compute_dtype = "bf16";
     cfg.precision_note = "auto: bf16 on CUDA";
   } else {
@@ -116,6 +125,7 @@ TrainConfig TrainConfig::FromYaml(const std::string& yaml_text, const std::strin
   }
   cfg.gradient_checkpointing =
       ResolveGradientCheckpointing(s.training.gradient_checkpointing, s.dataset.max_seq_length, cfg.use_cuda);
+  cfg.activation_offload = s.training.gradient_checkpointing == "offload";
   cfg.batch = PlanBatch(s.training.effective_batch_size, s.training.micro_batch_size, dist.world_size);
 
   fs::path out = s.output.dir.empty() ? fs::path("runs") / s.name : fs::path(s.output.dir);

@@ -6,7 +6,10 @@
 //   * CUDA: "auto" and "bf16" compute in bf16; "fp32" is honoured.
 //   * CPU: "bf16" is honoured; "auto" picks fp32 as an explicit, logged
 //     fallback because bf16 matmuls are slow on most CPUs (Debian's libtorch).
-//   * "fp16" (loss scaling) is not implemented and is rejected with a fix.
+//   * CUDA "auto" on a GPU without bf16 (compute capability < 8.0): the
+//     trainer switches to fp16 with dynamic loss scaling and warns.
+//   * "fp16": CUDA only, with dynamic loss scaling (train/loss_scaler.h); on
+//     CPU ranks it is a ConfigError (no fp16 matmuls in CPU libtorch).
 #ifndef TUNE_WORKER_TRAINER_CONFIG_H_
 #define TUNE_WORKER_TRAINER_CONFIG_H_
 
@@ -50,12 +53,17 @@ struct BatchPlan {
   int grad_accum = 0;
 };
 
+// The provisional split TrainConfig::Load records (and the CPU default):
 // micro_spec 0 = auto: effective / world (one micro-batch per rank per step).
 // Throws ConfigError when effective is not divisible by world or micro x world.
+// The trainer's setup then runs the memory planner (plan/memory_plan.h) once
+// the device and the data are known: on CUDA it decides the auto fields; on
+// CPU it keeps this split unless host memory is too small.
 BatchPlan PlanBatch(int effective_batch_size, int micro_spec, int world_size);
 
-// "auto": on for max_seq_length >= 1024 or on CUDA; "on"/"off" as given;
-// "offload" is treated as "on" (activation offload is not implemented yet).
+// Provisional, like PlanBatch: "auto" is on for max_seq_length >= 1024 or on
+// CUDA (where the memory planner replaces it); "on"/"off" as given; "offload"
+// is "on" with activation_offload set.
 bool ResolveGradientCheckpointing(const std::string& mode, int max_seq_length, bool use_cuda);
 
 struct TrainConfig {
@@ -67,9 +75,12 @@ struct TrainConfig {
   bool use_cuda = false;
   int device_index = 0;     // cuda:LOCAL_RANK
   int cpu_threads = 1;      // OMP_NUM_THREADS or 1 (CPU ranks)
-  std::string compute_dtype = "fp32";  // "bf16" | "fp32"
+  std::string compute_dtype = "fp32";  // "bf16" | "fp16" | "fp32"
   std::string precision_note;          // why compute_dtype was chosen (logged)
   bool gradient_checkpointing = false;
+  // gradient_checkpointing: offload — checkpointed layer inputs wait in host
+  // memory (the last OOM step-down turns it on at run time too).
+  bool activation_offload = false;
   BatchPlan batch;
 
   std::string output_dir;      // absolute

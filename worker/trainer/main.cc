@@ -4,6 +4,7 @@
 //                      [--stop-after-step N]
 //   tune-train init-model --preset tiny|llama3-8b|CONFIG.json --tokenizer DIR --out DIR
 //                         [--seed N] [--dtype bf16|fp32]
+//   tune-train plan --config job.yaml --gpu-memory-gb N [--world-size W] [-o json]
 //   tune-train tokenize|render|preflight ...   (data pipeline tools, see --help)
 //
 // Rank and rendezvous come from RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
@@ -17,9 +18,20 @@
 #include <stdexcept>
 #include <string>
 
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "worker/trainer/config.h"
 #include "worker/trainer/data/cli.h"
 #include "worker/trainer/logger.h"
 #include "worker/trainer/model/llama.h"
+#include "worker/trainer/model/cuda_ops.h"
+#include "worker/trainer/plan/memory_plan.h"
 #include "worker/trainer/recipe.h"
 
 namespace {
@@ -45,6 +57,13 @@ Usage:
   tune-train init-model --preset tiny|llama3-8b|CONFIG.json --tokenizer DIR --out DIR
                         [--seed N] [--dtype bf16|fp32]
       Write a randomly initialised Llama in Hugging Face layout.
+
+  tune-train plan --config job.yaml --gpu-memory-gb N [--world-size W]
+                  [--attention sdpa|sdpa_expand_kv|math] [--fused-kernels on|off] [-o text|json]
+      Print the memory plan (micro-batch, grad-accum, checkpointing) and the
+      predicted peak breakdown for a GPU of N GiB, without a GPU or the
+      weights (only the model's config.json is read). Attention defaults to
+      the kernel this build's torch uses. Exit 1 when nothing fits.
 
   tune-train tokenize --tokenizer DIR [--json] [--add-special] [--decode [--skip-special]]
   tune-train render --config job.yaml [--limit N]
@@ -135,6 +154,102 @@ int RunInitModel(int argc, char** argv) {
   return 0;
 }
 
+int RunPlan(int argc, char** argv) {
+  namespace fs = std::filesystem;
+  namespace plan = tune::plan;
+  std::string config, output = "text", attention;
+  // Default: what this binary would run on a GPU (the kernels compiled in).
+  bool fused = tune::model::cuda_ops::Compiled();
+  double gpu_gb = 0;
+  long world = 1;
+  for (int i = 2; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (i + 1 >= argc) return UsageError("plan: " + arg + " needs a value");
+    const std::string v = argv[++i];
+    if (arg == "--config") {
+      config = v;
+    } else if (arg == "--gpu-memory-gb") {
+      char* end = nullptr;
+      gpu_gb = std::strtod(v.c_str(), &end);
+      if (end == v.c_str() || *end != '\0' || !(gpu_gb > 0) || !std::isfinite(gpu_gb)) {
+        return UsageError("plan: --gpu-memory-gb needs a positive number of GiB (e.g. 24 or 79.6)");
+      }
+    } else if (arg == "--world-size") {
+      if (!ParseInt(v, 1, &world) || world > 4096) return UsageError("plan: --world-size needs an integer >= 1");
+    } else if (arg == "--attention") {
+      if (v != "sdpa" && v != "sdpa_expand_kv" && v != "math") {
+        return UsageError("plan: --attention must be sdpa, sdpa_expand_kv or math");
+      }
+      attention = v;
+    } else if (arg == "--fused-kernels") {
+      if (v != "on" && v != "off") return UsageError("plan: --fused-kernels must be on or off");
+      fused = v == "on";
+    } else if (arg == "-o" || arg == "--output") {
+      if (v != "text" && v != "json") return UsageError("plan: -o must be text or json");
+      output = v;
+    } else {
+      return UsageError("plan: unknown argument '" + arg + "'");
+    }
+  }
+  if (config.empty() || gpu_gb <= 0) return UsageError("plan needs --config job.yaml and --gpu-memory-gb N");
+  try {
+    std::ifstream in(config);
+    if (!in) throw tune::train::ConfigError("cannot read --config " + config + ": no such readable file");
+    std::stringstream text;
+    text << in.rdbuf();
+    tune::train::DistEnv dist;
+    dist.world_size = static_cast<int>(world);
+    // Paths are not checked: planning needs only the model's config.json.
+    const tune::train::TrainConfig cfg = tune::train::TrainConfig::FromYaml(
+        text.str(), config, fs::absolute(fs::path(config)).parent_path().string(), /*check_paths=*/false,
+        tune::train::CliOptions{}, dist);
+    const fs::path config_json = fs::path(cfg.spec.model) / "config.json";
+    if (!fs::is_regular_file(config_json)) {
+      throw tune::train::ConfigError("model: " + cfg.spec.model +
+                                     " has no config.json; point `model` at a Hugging Face Llama directory "
+                                     "(only config.json is needed to plan)");
+    }
+    const tune::model::LlamaConfig model = tune::model::LlamaConfig::FromJsonFile(config_json.string());
+    // A GPU plan: "auto" precision is bf16 on CUDA (config.h).
+    const std::string& p = cfg.spec.training.precision;
+    const std::string precision = p == "auto" ? "bf16" : p;
+    plan::AttentionKernel kernel = plan::AttentionFor(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
+    if (attention == "sdpa") kernel = plan::AttentionKernel::kSdpa;
+    if (attention == "sdpa_expand_kv") kernel = plan::AttentionKernel::kSdpaExpandKv;
+    if (attention == "math") kernel = plan::AttentionKernel::kMath;
+    const auto card = static_cast<int64_t>(gpu_gb * static_cast<double>(int64_t{1} << 30));
+    const int64_t free_bytes = std::max<int64_t>(0, card - plan::kCudaContextBytes);
+    plan::PlanInputs inputs = plan::InputsFromSpec(cfg.spec, model, precision, static_cast<int>(world),
+                                                   /*cuda=*/true, kernel, free_bytes);
+    inputs.fused_kernels = fused && precision == "bf16";
+    const plan::MemoryPlan result = plan::ChoosePlan(inputs);
+    if (output == "json") {
+      nlohmann::json j = result.ToJson();
+      j["world_size"] = world;
+      j["effective_batch_size"] = inputs.effective_batch_size;
+      j["precision"] = precision;
+      j["seq_len"] = inputs.seq_len;
+      j["attention"] = plan::AttentionKernelName(kernel);
+      j["fused_kernels"] = inputs.fused_kernels;
+      j["gpu_memory_bytes"] = card;
+      std::cout << j.dump(2) << std::endl;
+    } else {
+      std::cout << "GPU " << plan::FormatBytes(card) << " (" << plan::FormatBytes(plan::kCudaContextBytes)
+                << " CUDA context), model " << cfg.spec.model << "\n"
+                << plan::FormatPlan(inputs, result);
+    }
+    if (!result.fits) {
+      std::cerr << "tune-train plan: nothing fits " << plan::FormatBytes(card) << ": short by "
+                << plan::FormatBytes(result.shortfall_bytes) << "; " << result.fix << std::endl;
+      return 1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "tune-train plan: " << e.what() << std::endl;
+    return tune::train::kExitInvalidSpec;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -149,6 +264,7 @@ int main(int argc, char** argv) {
   if (cmd == "render") return tune::data::RunRenderCommand(argc - 1, argv + 1);
   if (cmd == "preflight") return tune::data::RunPreflightCommand(argc - 1, argv + 1);
   if (cmd == "init-model") return RunInitModel(argc, argv);
+  if (cmd == "plan") return RunPlan(argc, argv);
   if (cmd == "train") return RunTrain(argc, argv, 2);
   if (cmd.rfind("--", 0) == 0) return RunTrain(argc, argv, 1);
   return UsageError("unknown command '" + cmd + "'");

@@ -9,6 +9,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <iostream>
 #include <limits>
@@ -20,8 +22,11 @@
 #include <vector>
 
 #include <torch/torch.h>
+#include <torch/version.h>
+#include <torch/version.h>
 
 #ifdef TUNE_TORCH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <cuda_runtime_api.h>
 #endif
@@ -35,7 +40,10 @@
 #include "worker/trainer/export/peft_export.h"
 #include "worker/trainer/logger.h"
 #include "worker/trainer/model/llama.h"
+#include "worker/trainer/model/cuda_ops.h"
+#include "worker/trainer/plan/memory_plan.h"
 #include "worker/trainer/train/collate.h"
+#include "worker/trainer/train/loss_scaler.h"
 #include "worker/trainer/train/optimizer.h"
 #include "worker/trainer/train/sampler.h"
 #include "worker/trainer/train/schedule.h"
@@ -58,10 +66,91 @@ void InstallSignalHandlers() {
   sigaction(SIGINT, &sa, nullptr);
 }
 
+// NaN policy exhausted (exit 4); `details` goes into the error event.
 class NanAbortError : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  NanAbortError(const std::string& message, nlohmann::json details)
+      : std::runtime_error(message), details_(std::move(details)) {}
+  const nlohmann::json& details() const { return details_; }
+
+ private:
+  nlohmann::json details_;
 };
+
+// Device memory exhaustion that does not arrive as c10::OutOfMemoryError:
+// cuBLAS handle/workspace creation (CUBLAS_STATUS_ALLOC_FAILED), a raw CUDA
+// allocation in a kernel library (cudaErrorMemoryAllocation, "out of
+// memory"). Neither is a sticky CUDA error, so the step can be redone.
+bool IsDeviceOutOfMemory(const c10::Error& e) {
+  const std::string m = e.what_without_backtrace();
+  return m.find("out of memory") != std::string::npos || m.find("ALLOC_FAILED") != std::string::npos ||
+         m.find("cudaErrorMemoryAllocation") != std::string::npos ||
+         m.find("resource allocation failed") != std::string::npos;
+}
+
+// OOM with nothing left to step down to (exit 3); `details` holds the plan
+// that failed.
+class OomExhaustedError : public std::runtime_error {
+ public:
+  OomExhaustedError(const std::string& message, nlohmann::json details)
+      : std::runtime_error(message), details_(std::move(details)) {}
+  const nlohmann::json& details() const { return details_; }
+
+ private:
+  nlohmann::json details_;
+};
+
+// PYTORCH_CUDA_ALLOC_CONF is read once, at the caching allocator's first
+// use, so this runs before any CUDA call. Expandable segments (torch >= 2.1)
+// let a segment grow in place instead of leaving differently sized holes:
+// the "phantom" OOM with plenty of reserved-but-free memory goes away. A
+// user's own setting wins.
+//
+// With faults.gpu_memory_cap_gb the classic segment allocator is used: its
+// memory-fraction limit is checked on every device allocation, which is what
+// the cap relies on; expandable segments grow mappings in place.
+void ConfigureCudaAllocator(bool memory_cap) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  if (const char* user = std::getenv("PYTORCH_CUDA_ALLOC_CONF"); user != nullptr && *user != '\0') {
+    LogInfo(std::string("PYTORCH_CUDA_ALLOC_CONF=") + user + " (user setting kept)");
+    return;
+  }
+  const char* conf = memory_cap ? "expandable_segments:False" : "expandable_segments:True";
+  setenv("PYTORCH_CUDA_ALLOC_CONF", conf, /*overwrite=*/0);
+  LogInfo(std::string("PYTORCH_CUDA_ALLOC_CONF=") + conf + (memory_cap ? " (faults.gpu_memory_cap_gb)" : ""));
+#else
+  (void)memory_cap;
+#endif
+}
+
+// Hands the caching allocator's free blocks back to the driver between
+// phases (after load, after an OOM, before export): the next phase allocates
+// differently shaped tensors, and cached blocks of the old shapes only fragment.
+void ReleaseCachedMemory(const torch::Device& device) {
+#ifdef TUNE_TORCH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#else
+  (void)device;
+#endif
+}
+
+// Appends to a bounded history (the NAN_ABORT diagnosis shows the last few).
+void PushRecent(std::deque<double>* history, double value) {
+  constexpr size_t kKeep = 10;
+  history->push_back(value);
+  while (history->size() > kKeep) history->pop_front();
+}
+
+std::string JoinNumbers(const std::deque<double>& values) {
+  std::string out;
+  for (double v : values) {
+    if (!out.empty()) out += ", ";
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.4g", v);
+    out += buf;
+  }
+  return "[" + out + "]";
+}
 
 // Per-step generator seed: the same for a step whatever happened before it,
 // so resumed and rolled-back runs draw the same dropout masks.
@@ -103,22 +192,19 @@ int64_t DeviceMemoryBytes(const torch::Device& device) {
   return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
 }
 
-// A first, deliberately simple memory estimate for the plan event (the
-// memory planner of DESIGN.md stage 1 refines it): base weights as stored,
-// LoRA params + grads + optimizer states, saved activations per token
-// (all of a layer's intermediates without checkpointing, only the layer
-// inputs plus one recomputed layer with it), one layer's attention scores on
-// the math path, one chunk of fp32 logits with its gradient, and 10% slack.
-int64_t EstimatePeakBytes(const model::LlamaConfig& c, int64_t base_bytes, int64_t lora_params,
-                          int64_t optimizer_bytes, int micro, int64_t seq, bool checkpointing, int dtype_bytes) {
-  const double tokens = static_cast<double>(micro) * static_cast<double>(seq);
-  const double H = c.hidden_size, I = c.intermediate_size, L = c.num_hidden_layers;
-  const double layer_full = tokens * (12.0 * H + 5.0 * I) * dtype_bytes;
-  const double activations = checkpointing ? L * tokens * H * dtype_bytes + layer_full : L * layer_full;
-  const double scores = 2.0 * micro * c.num_attention_heads * static_cast<double>(seq) * seq * dtype_bytes;
-  const double logits = 3.0 * std::min<double>(tokens, 1024.0) * c.vocab_size * 4.0;
-  const double total = static_cast<double>(base_bytes) + 8.0 * lora_params + optimizer_bytes + activations + scores + logits;
-  return static_cast<int64_t>(total * 1.1);
+// Memory the planner may plan with: free device memory (capped by
+// faults.gpu_memory_cap_gb, which caps the allocator), or MemAvailable on CPU.
+int64_t FreeMemoryBytes(const torch::Device& device, double cap_gb) {
+#ifdef TUNE_TORCH_CUDA
+  if (device.is_cuda()) {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return 0;
+    int64_t free_bytes = static_cast<int64_t>(free_b);
+    if (cap_gb > 0) free_bytes = std::min<int64_t>(free_bytes, static_cast<int64_t>(cap_gb * (1 << 30)));
+    return free_bytes;
+  }
+#endif
+  return plan::HostMemAvailableBytes();
 }
 
 std::string LoraWhere(const std::string& name) {
@@ -149,11 +235,21 @@ class Trainer {
   void SetupDevice();
   void LoadData();
   void LoadModel();
+  // Runs the memory planner (after the device and the data are known,
+  // before the model takes memory) and applies its split to cfg_.
+  void PlanMemory();
   void EmitPlan();
   void MaybeResume();
   void RestoreFrom(const CheckpointRef& ref);
   // Runs one step; false when the ranks agreed to stop before it.
   bool RunStep(int64_t step, bool* rolled_back);
+  // After an OOM on any rank (all ranks call it, with the same state): frees
+  // what the failed attempt held and steps the plan down one notch: halve the
+  // micro-batch (grad_accum grows so the effective batch is unchanged), then
+  // checkpointing, then activation offload. Throws OomExhaustedError when
+  // nothing is left.
+  void StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const std::string& message);
+  nlohmann::json CurrentPlan() const;
   std::string FirstNonFiniteGrad();
   void SaveCheckpoint();
   void Finish();
@@ -180,11 +276,19 @@ class Trainer {
   int64_t max_steps_ = 0;
   TrainerState state_;
   int64_t last_checkpoint_step_ = -1;
+  plan::PlanInputs plan_inputs_;  // what the plan was made from (OOM re-planning reuses it)
+  plan::MemoryPlan plan_;
   std::set<int64_t> injected_nan_steps_;  // faults.nan_at_steps fire once per step
+  std::set<int64_t> injected_oom_steps_;  // faults.oom_at_steps likewise
+  LossScaler scaler_{false};              // enabled for fp16 compute
+  // Last ~10 steps, for the NAN_ABORT diagnosis.
+  std::deque<double> recent_losses_;
+  std::deque<double> recent_grad_norms_;
 };
 
 void Trainer::SetupDevice() {
   if (cfg_.use_cuda) {
+    ConfigureCudaAllocator(cfg_.spec.faults.gpu_memory_cap_gb > 0);
     if (!torch::cuda::is_available()) {
       throw ConfigError("resources.gpus is " + std::to_string(cfg_.spec.resources.gpus) +
                         " but no CUDA device is usable (or this libtorch has no CUDA); use resources.cpu_ranks "
@@ -196,11 +300,45 @@ void Trainer::SetupDevice() {
                         " CUDA device(s) are visible");
     }
     device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(cfg_.device_index));
+#ifdef TUNE_TORCH_CUDA
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(cfg_.device_index));
+    if (cfg_.spec.training.precision == "auto" && prop->major < 8) {
+      // bf16 tensor cores start at sm_80; fp16 needs loss scaling.
+      cfg_.compute_dtype = "fp16";
+      cfg_.precision_note = "auto: fp16 with dynamic loss scaling (" + std::string(prop->name) +
+                            " is sm_" + std::to_string(prop->major) + std::to_string(prop->minor) +
+                            ", no bf16)";
+      events_->EmitLog("warning", "training.precision auto: " + std::string(prop->name) +
+                                      " has no bf16; training in fp16 with dynamic loss scaling");
+    }
+    if (const double cap_gb = cfg_.spec.faults.gpu_memory_cap_gb; cap_gb > 0) {
+      // faults.gpu_memory_cap_gb: a testing aid that makes a big GPU behave
+      // like a small one; the caching allocator raises a real OOM past it.
+      constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;  // the cap is in GiB, as torch reports memory
+      const double total = static_cast<double>(prop->totalGlobalMem);
+      const double fraction = std::min(1.0, cap_gb * kGiB / total);
+      // The caching allocator initialises lazily on the first allocation and
+      // refuses setMemoryFraction before that ("Allocator not initialized").
+      (void)torch::empty({1}, torch::TensorOptions().device(device_));
+      c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction,
+                                                         static_cast<c10::DeviceIndex>(cfg_.device_index));
+      events_->EmitLog("info", "faults.gpu_memory_cap_gb: allocator capped at " + std::to_string(cap_gb) +
+                                   " GiB (" + std::to_string(fraction) + " of " + std::to_string(total / kGiB) +
+                                   " GiB)");
+    }
+#endif
   } else {
     device_ = torch::kCPU;
     at::set_num_threads(cfg_.cpu_threads);
+    if (cfg_.spec.faults.gpu_memory_cap_gb > 0) {
+      events_->EmitLog("info", "faults.gpu_memory_cap_gb is ignored on CPU ranks (it caps the CUDA allocator); "
+                               "use faults.oom_at_steps to exercise OOM recovery on CPU");
+    }
   }
-  dtype_ = cfg_.compute_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  dtype_ = cfg_.compute_dtype == "bf16"   ? torch::kBFloat16
+           : cfg_.compute_dtype == "fp16" ? torch::kHalf
+                                          : torch::kFloat32;
+  scaler_ = LossScaler(cfg_.compute_dtype == "fp16");
   LogInfo("device " + device_.str() + ", compute " + cfg_.compute_dtype + " (" + cfg_.precision_note + ")");
 }
 
@@ -215,7 +353,9 @@ void Trainer::Setup() {
   SetupDevice();
   comm_ = Communicator::Create(cfg_.dist, device_);
   LoadData();
+  PlanMemory();
   LoadModel();
+  model_->SetActivationOffload(cfg_.gradient_checkpointing && cfg_.activation_offload);
   optimizer_ = std::make_unique<AdamW>(
       [&] {
         std::vector<torch::Tensor> params;
@@ -279,33 +419,86 @@ void Trainer::LoadModel() {
           std::to_string(n) + " trainable parameters");
 }
 
+void Trainer::PlanMemory() {
+  namespace fs = std::filesystem;
+  const model::LlamaConfig config = model::LlamaConfig::FromJsonFile((fs::path(cfg_.spec.model) / "config.json").string());
+  int64_t free_bytes = FreeMemoryBytes(device_, cfg_.use_cuda ? cfg_.spec.faults.gpu_memory_cap_gb : 0);
+  if (cfg_.dist.world_size > 1) {
+    // Every rank must take the same split: plan for the rank with least memory.
+    torch::Tensor all = torch::zeros({cfg_.dist.world_size}, torch::kFloat64);
+    all[cfg_.dist.rank] = static_cast<double>(free_bytes);
+    comm_->AllReduceSum(all);
+    free_bytes = static_cast<int64_t>(all.min().item<double>());
+  }
+  plan_inputs_ = plan::InputsFromSpec(cfg_.spec, config, cfg_.compute_dtype, cfg_.dist.world_size, cfg_.use_cuda,
+                                      plan::AttentionFor(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR), free_bytes);
+  plan_inputs_.fused_kernels = cfg_.use_cuda && dtype_ == torch::kBFloat16 && model::cuda_ops::Enabled();
+  // The longest example bounds every micro-batch's length (Collate pads to it).
+  plan_inputs_.seq_len = std::max<int64_t>(1, std::min<int64_t>(longest_example_, cfg_.spec.dataset.max_seq_length));
+  const bool any_auto = plan_inputs_.micro_batch_size <= 0 || plan_inputs_.checkpointing == "auto";
+  if (cfg_.use_cuda) {
+    plan_ = plan::ChoosePlan(plan_inputs_);
+  } else {
+    // CPU: today's split (TrainConfig: micro = effective / ranks, checkpointing
+    // on from 1024 tokens) stays, the golden loss curves depend on it; the
+    // planner only checks it, and re-plans auto fields when host memory is short.
+    plan::PlanInputs today = plan_inputs_;
+    today.micro_batch_size = cfg_.batch.micro_batch_size;
+    today.checkpointing = !cfg_.gradient_checkpointing ? "off" : cfg_.activation_offload ? "offload" : "on";
+    plan_ = plan::ChoosePlan(today);
+    plan_.reason = "CPU default split (micro-batch = effective / ranks, checkpointing on from 1024 tokens)";
+    if (!plan_.fits && any_auto) {
+      plan::MemoryPlan replanned = plan::ChoosePlan(plan_inputs_);
+      if (replanned.fits) {
+        replanned.reason = "host memory (MemAvailable) is too small for the CPU default split; " + replanned.reason;
+        plan_ = replanned;
+      }
+    }
+  }
+  cfg_.batch.micro_batch_size = plan_.micro_batch_size;
+  cfg_.batch.grad_accum = plan_.grad_accum;
+  cfg_.gradient_checkpointing = plan_.checkpointing != plan::Checkpointing::kOff;
+  cfg_.activation_offload = plan_.checkpointing == plan::Checkpointing::kOffload;
+  if (!plan_.fits) {
+    events_->EmitLog("warning", "memory plan does not fit: predicted " + plan::FormatBytes(plan_.breakdown.reserved) +
+                                    " reserved vs a budget of " + plan::FormatBytes(plan_.budget_bytes) +
+                                    " (short by " + plan::FormatBytes(plan_.shortfall_bytes) + "); " + plan_.fix +
+                                    ". Training anyway: an OOM steps the plan down at run time");
+  }
+}
+
 void Trainer::EmitPlan() {
-  int64_t lora_params = 0;
-  for (const auto& [name, t] : lora_) lora_params += t.numel();
-  const int dtype_bytes = dtype_ == torch::kFloat32 ? 4 : 2;
-  const int64_t seq = std::min<int64_t>(longest_example_, cfg_.spec.dataset.max_seq_length);
-  nlohmann::json plan = {
+  nlohmann::json event = {
       {"micro_batch_size", cfg_.batch.micro_batch_size},
       {"grad_accum", cfg_.batch.grad_accum},
       {"world_size", cfg_.dist.world_size},
       {"effective_batch_size", cfg_.spec.training.effective_batch_size},
       {"gradient_checkpointing", cfg_.gradient_checkpointing},
+      {"checkpointing_mode", plan::CheckpointingName(plan_.checkpointing)},
       {"precision", cfg_.compute_dtype},
       {"device", device_.str()},
-      {"predicted_peak_bytes",
-       EstimatePeakBytes(model_->config(), model_->BaseStorageBytes(), lora_params, optimizer_->StateBytes(),
-                         cfg_.batch.micro_batch_size, seq, cfg_.gradient_checkpointing, dtype_bytes)},
+      {"predicted_peak_bytes", plan_.breakdown.peak_allocated},
+      {"predicted_reserved_bytes", plan_.breakdown.reserved},
+      {"breakdown", plan_.breakdown.ToJson()},
+      {"free_bytes", plan_.free_bytes},
+      {"budget_bytes", plan_.budget_bytes},
+      {"fits", plan_.fits},
+      {"reason", plan_.reason},
+      {"seq_len", plan_inputs_.seq_len},
+      {"attention", plan::AttentionKernelName(plan_inputs_.attention)},
+      {"fused_kernels", plan_inputs_.fused_kernels},
       {"device_memory_bytes", DeviceMemoryBytes(device_)},
       {"max_steps", max_steps_},
       {"optimizer", cfg_.spec.training.optimizer},
       {"backend", comm_->backend()},
   };
-  events_->Emit("plan", plan);
+  if (!plan_.fits) {
+    event["shortfall_bytes"] = plan_.shortfall_bytes;
+    event["fix"] = plan_.fix;
+  }
+  events_->Emit("plan", event);
   if (IsRoot()) {
-    std::cout << "plan: micro-batch " << cfg_.batch.micro_batch_size << " x grad-accum " << cfg_.batch.grad_accum
-              << " x " << cfg_.dist.world_size << " rank(s) = " << cfg_.spec.training.effective_batch_size
-              << ", " << max_steps_ << " steps, " << cfg_.compute_dtype << " on " << device_.str()
-              << ", checkpointing " << (cfg_.gradient_checkpointing ? "on" : "off") << std::endl;
+    std::cout << max_steps_ << " steps on " << device_.str() << "\n" << plan::FormatPlan(plan_inputs_, plan_) << std::flush;
   }
 }
 
@@ -321,6 +514,11 @@ nlohmann::json Trainer::RunInfo() const {
             {"base_lr", schedule_->base_lr()},
             {"warmup_steps", schedule_->warmup_steps()},
             {"total_steps", schedule_->total_steps()}}},
+          // The split in use when the checkpoint was written (after any OOM
+          // step-down). Informational only: the effective batch is what the
+          // math depends on, so a resume starts from the planned split again
+          // (it may run on a different GPU) and steps down anew if needed.
+          {"batch_split", CurrentPlan()},
           {"job", cfg_.spec.name}};
 }
 
@@ -370,6 +568,72 @@ ExampleView Trainer::View(int64_t index) const {
   return ExampleView{&e.input_ids, &e.labels, &e.position_ids, &e.segment_ids};
 }
 
+nlohmann::json Trainer::CurrentPlan() const {
+  return {{"micro_batch_size", cfg_.batch.micro_batch_size},
+          {"grad_accum", cfg_.batch.grad_accum},
+          {"world_size", cfg_.dist.world_size},
+          {"effective_batch_size", cfg_.spec.training.effective_batch_size},
+          {"gradient_checkpointing", cfg_.gradient_checkpointing},
+          {"offload", cfg_.activation_offload},
+          {"precision", cfg_.compute_dtype},
+          {"max_seq_length", cfg_.spec.dataset.max_seq_length},
+          {"device", device_.str()}};
+}
+
+void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const std::string& message) {
+  optimizer_->ZeroGrad();
+  ReleaseCachedMemory(device_);
+  const nlohmann::json failed = CurrentPlan();
+  BatchPlan& b = cfg_.batch;
+  std::string change;
+  if (b.micro_batch_size > 1) {
+    // Largest micro-batch <= half that still divides this rank's share, so
+    // micro x accum (and the effective batch) stays exact.
+    const int per_rank = b.micro_batch_size * b.grad_accum;
+    int micro = b.micro_batch_size / 2;
+    while (per_rank % micro != 0) --micro;
+    change = "micro-batch " + std::to_string(b.micro_batch_size) + " -> " + std::to_string(micro);
+    b.micro_batch_size = micro;
+    b.grad_accum = per_rank / micro;
+  } else if (!cfg_.gradient_checkpointing) {
+    cfg_.gradient_checkpointing = true;
+    model_->SetGradientCheckpointing(true);
+    change = "gradient checkpointing on";
+  } else if (!cfg_.activation_offload) {
+    cfg_.activation_offload = true;
+    model_->SetActivationOffload(true);
+    change = "activation offload on";
+  } else {
+    const std::string what = message.empty() ? std::to_string(ranks_oom) + " other rank(s) ran out of memory"
+                                             : message;
+    throw OomExhaustedError(
+        "out of memory at step " + std::to_string(step) + " with the smallest plan left (micro-batch 1 x grad-accum " +
+            std::to_string(b.grad_accum) + " x " + std::to_string(cfg_.dist.world_size) +
+            " rank(s), gradient checkpointing on, activation offload on, " + cfg_.compute_dtype +
+            ", max_seq_length " + std::to_string(cfg_.spec.dataset.max_seq_length) + " on " + device_.str() +
+            "): " + what +
+            ". Lower dataset.max_seq_length, use quantization.base: nf4, lower lora.r, or use a GPU with more memory",
+        {{"step", step}, {"plan", failed}});
+  }
+  const std::string text =
+      message.empty() ? std::to_string(ranks_oom) + " other rank(s) ran out of memory" : message;
+  if (IsRoot()) {
+    // One event per recovery (all ranks take the same decision); the server
+    // counts these into tune_oom_recoveries_total.
+    events_->Emit("oom_recovered", {{"step", step},
+                                    {"micro_batch_size", b.micro_batch_size},
+                                    {"grad_accum", b.grad_accum},
+                                    {"gradient_checkpointing", cfg_.gradient_checkpointing},
+                                    {"offload", cfg_.activation_offload},
+                                    {"attempt", attempt},
+                                    {"ranks_oom", ranks_oom},
+                                    {"message", text}});
+  }
+  LogWarning("OOM at step " + std::to_string(step) + " on " + std::to_string(ranks_oom) + " rank(s): " + change +
+             "; redoing the step (micro-batch " + std::to_string(b.micro_batch_size) + " x grad-accum " +
+             std::to_string(b.grad_accum) + ")");
+}
+
 std::string Trainer::FirstNonFiniteGrad() {
   for (auto& [name, t] : lora_) {
     const torch::Tensor& g = t.grad();
@@ -382,7 +646,6 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
   *rolled_back = false;
   const auto t0 = Clock::now();
   const int rank = cfg_.dist.rank, world = cfg_.dist.world_size;
-  torch::manual_seed(StepSeed(static_cast<uint64_t>(cfg_.spec.training.seed), step, rank));
 
   const std::vector<int64_t> shard = RankShard(sampler_->StepIndices(step), rank, world);
   double local_supervised = 0, local_tokens = 0;
@@ -403,32 +666,68 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
     throw data::DataError("step " + std::to_string(step) + " has no supervised token on any rank");
   }
 
-  optimizer_->ZeroGrad();
-  const bool inject = std::find(cfg_.spec.faults.nan_at_steps.begin(), cfg_.spec.faults.nan_at_steps.end(),
-                                static_cast<int>(step)) != cfg_.spec.faults.nan_at_steps.end() &&
-                      injected_nan_steps_.insert(step).second;
-  double local_loss_sum = 0;
+  auto listed = [step](const std::vector<int>& steps) {
+    return std::find(steps.begin(), steps.end(), static_cast<int>(step)) != steps.end();
+  };
+  const bool inject = listed(cfg_.spec.faults.nan_at_steps) && injected_nan_steps_.insert(step).second;
+  const bool inject_oom = listed(cfg_.spec.faults.oom_at_steps) && injected_oom_steps_.insert(step).second;
   const bool packing = cfg_.spec.dataset.packing;
-  bool first = true;
-  for (const std::vector<int64_t>& micro : MicroBatches(shard, cfg_.batch.micro_batch_size)) {
-    std::vector<ExampleView> rows;
-    for (int64_t i : micro) rows.push_back(View(i));
-    MicroBatch mb = Collate(rows, pad_id_, device_, packing);
-    torch::Tensor hidden = model_->ForwardHidden(mb.input_ids, mb.position_ids, mb.segment_ids);
-    torch::Tensor loss_sum = model_->LossSum(hidden, mb.labels);
-    if (inject && first) {
-      // faults.nan_at_steps: poison the loss so the guard sees what a real
-      // numeric blow-up looks like (NaN loss and NaN gradients).
-      loss_sum = loss_sum * std::numeric_limits<float>::quiet_NaN();
+  double loss = 0;
+  // Attempts of this step: an OOM on any rank redoes the whole step, from
+  // zero grads and the step's own seed, with a smaller plan.
+  for (int attempt = 1;; ++attempt) {
+    torch::manual_seed(StepSeed(static_cast<uint64_t>(cfg_.spec.training.seed), step, rank));
+    optimizer_->ZeroGrad();
+    double local_loss_sum = 0;
+    std::string oom_message;
+    try {
+      bool first = true;
+      for (const std::vector<int64_t>& micro : MicroBatches(shard, cfg_.batch.micro_batch_size)) {
+        std::vector<ExampleView> rows;
+        for (int64_t i : micro) rows.push_back(View(i));
+        MicroBatch mb = Collate(rows, pad_id_, device_, packing);
+        torch::Tensor hidden = model_->ForwardHidden(mb.input_ids, mb.position_ids, mb.segment_ids);
+        if (inject_oom && attempt == 1 && first) {
+          // faults.oom_at_steps: the error type the CUDA caching allocator
+          // throws, raised with the forward's activations alive, so recovery
+          // runs exactly the path a real OOM takes.
+          C10_THROW_ERROR(OutOfMemoryError, "CUDA out of memory (injected by faults.oom_at_steps at step " +
+                                                std::to_string(step) + ", micro-batch " +
+                                                std::to_string(cfg_.batch.micro_batch_size) + ")");
+        }
+        torch::Tensor loss_sum = model_->LossSum(hidden, mb.labels);
+        if (inject && first) {
+          // faults.nan_at_steps: poison the loss so the guard sees what a real
+          // numeric blow-up looks like (NaN loss and NaN gradients).
+          loss_sum = loss_sum * std::numeric_limits<float>::quiet_NaN();
+        }
+        first = false;
+        // fp16: scaled so small gradients survive; unscaled after the all-reduce.
+        (loss_sum * (scaler_.scale() / global_supervised)).backward();
+        local_loss_sum += loss_sum.detach().to(torch::kCPU, torch::kFloat64).item<double>();
+      }
+    } catch (const c10::Error& e) {
+      // c10::OutOfMemoryError (the caching allocator) or an allocation failure
+      // reported as a CUDA/cuBLAS error; anything else is not ours to retry.
+      if (dynamic_cast<const c10::OutOfMemoryError*>(&e) == nullptr && !IsDeviceOutOfMemory(e)) throw;
+      // The failed micro-batch's tensors are gone with the unwound scope; the
+      // remaining micro-batches are skipped and this rank goes straight to
+      // the collective below so no rank waits for it.
+      oom_message = e.what_without_backtrace();
+      LogWarning("out of memory at step " + std::to_string(step) + " (attempt " + std::to_string(attempt) +
+                 "): " + oom_message);
     }
-    first = false;
-    (loss_sum / global_supervised).backward();
-    local_loss_sum += loss_sum.detach().to(torch::kCPU, torch::kFloat64).item<double>();
+    // One all-reduce carries the loss and the "some rank ran out of memory"
+    // count, before the gradient all-reduce that a failed rank cannot join.
+    torch::Tensor loss_t = torch::tensor({local_loss_sum, oom_message.empty() ? 0.0 : 1.0}, torch::kFloat64);
+    comm_->AllReduceSum(loss_t);
+    const int ranks_oom = static_cast<int>(loss_t[1].item<double>());
+    if (ranks_oom == 0) {
+      loss = loss_t[0].item<double>() / global_supervised;
+      break;
+    }
+    StepDownAfterOom(step, attempt, ranks_oom, oom_message);
   }
-
-  torch::Tensor loss_t = torch::tensor({local_loss_sum}, torch::kFloat64);
-  comm_->AllReduceSum(loss_t);
-  const double loss = loss_t.item<double>() / global_supervised;
 
   std::vector<torch::Tensor> grads;
   grads.reserve(lora_.size());
@@ -448,12 +747,34 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
     norms.reserve(grads.size());
     for (const torch::Tensor& g : grads) norms.push_back(g.to(torch::kFloat32).norm(2));
     grad_norm = torch::stack(norms).norm(2).item<double>();
+    if (scaler_.enabled()) {
+      // Unscale before clipping and the update: max_grad_norm is about the
+      // true gradient. The loss sum was never scaled.
+      const double inv = 1.0 / scaler_.scale();
+      for (torch::Tensor& g : grads) g.mul_(inv);
+      grad_norm *= inv;
+    }
   }
+  PushRecent(&recent_losses_, loss);
+  PushRecent(&recent_grad_norms_, grad_norm);
 
   const double lr = schedule_->LrForStep(step) * state_.lr_scale;
+  const double loss_scale = scaler_.scale();  // the scale this step ran with
   const spec::NanPolicySpec& policy = cfg_.spec.training.nan_policy;
   bool skipped = false;
-  if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+  // fp16 overflow (finite loss, non-finite gradients) is the loss scaler's
+  // business: lower the scale and skip, no NaN alert, unless the scale has
+  // collapsed, which means the numbers themselves blew up.
+  bool overflow_skip = false;
+  if (scaler_.enabled() && std::isfinite(loss) && !std::isfinite(grad_norm)) {
+    overflow_skip = scaler_.Update(/*overflow=*/true) == LossScaler::Outcome::kSkipped;
+  }
+  if (overflow_skip) {
+    skipped = true;
+    optimizer_->ZeroGrad();
+    LogWarning("fp16 gradient overflow at step " + std::to_string(step) + ": step skipped, loss scale " +
+               std::to_string(loss_scale) + " -> " + std::to_string(scaler_.scale()));
+  } else if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
     skipped = true;
     const std::string where = !std::isfinite(loss) ? "loss" : FirstNonFiniteGrad();
     optimizer_->ZeroGrad();
@@ -476,10 +797,37 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
                std::to_string(state_.nan_consecutive) + " in a row, " + std::to_string(state_.nan_total) +
                " total): " + action);
     if (action == "abort") {
+      const std::string advice =
+          state_.rollbacks > 0
+              ? "the NaNs outlived " + std::to_string(state_.rollbacks) +
+                    " rollback(s) with a lower learning rate: check the data around these steps, lower "
+                    "training.learning_rate further, or use quantization.base: bf16"
+              : "lower training.learning_rate or training.max_grad_norm, check the data, or use "
+                "quantization.base: bf16";
+      const nlohmann::json details = {
+          {"step", step},
+          {"where", where},
+          {"lr", lr},
+          {"lr_scale", state_.lr_scale},
+          {"precision", cfg_.compute_dtype},
+          {"loss_scale", loss_scale},
+          {"rollbacks", state_.rollbacks},
+          {"max_rollbacks", policy.max_rollbacks},
+          {"consecutive", state_.nan_consecutive},
+          {"nan_total", state_.nan_total},
+          {"recent_losses", std::vector<double>(recent_losses_.begin(), recent_losses_.end())},
+          {"recent_grad_norms", std::vector<double>(recent_grad_norms_.begin(), recent_grad_norms_.end())},
+          {"advice", advice}};
+      char lr_buf[64];
+      std::snprintf(lr_buf, sizeof(lr_buf), "lr %.3g (%.3g x schedule)", lr, state_.lr_scale);
       throw NanAbortError("non-finite " + where + " at step " + std::to_string(step) + " after " +
-                          std::to_string(state_.nan_consecutive) +
-                          " consecutive bad step(s); lower training.learning_rate, check the data, or use "
-                          "quantization.base: bf16");
+                              std::to_string(state_.nan_consecutive) + " consecutive bad step(s) and " +
+                              std::to_string(state_.rollbacks) + " rollback(s) (" + std::to_string(state_.nan_total) +
+                              " NaN steps in all); " + lr_buf + ", precision " + cfg_.compute_dtype +
+                              (scaler_.enabled() ? ", loss scale " + std::to_string(loss_scale) : "") +
+                              "; last losses " + JoinNumbers(recent_losses_) + ", last grad norms " +
+                              JoinNumbers(recent_grad_norms_) + ". " + advice,
+                          details);
     }
     if (action == "rollback") {
       const TrainerState before = state_;
@@ -504,6 +852,7 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
       }
     }
     optimizer_->Step(lr);
+    scaler_.Update(/*overflow=*/false);
     state_.nan_consecutive = 0;
   }
 
@@ -527,7 +876,10 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
                            {"vram_reserved", vram.reserved},
                            {"vram_peak", vram.peak},
                            {"elapsed", Elapsed()},
-                           {"skipped", skipped}});
+                           {"skipped", skipped},
+                           {"loss_scale", loss_scale},
+                           {"micro_batch_size", cfg_.batch.micro_batch_size},
+                           {"grad_accum", cfg_.batch.grad_accum}});
     if (IsRoot()) {
       std::cout << FormatProgressLine(static_cast<long>(step), static_cast<long>(max_steps_), loss, lr, grad_norm,
                                       tokens_per_s, vram.allocated)
@@ -553,6 +905,7 @@ void Trainer::SaveCheckpoint() {
 
 void Trainer::Finish() {
   if (!IsRoot()) return;
+  ReleaseCachedMemory(device_);  // the export materialises fp32 copies
   exporter::ExportPeftAdapter(*model_, cfg_.spec, cfg_.spec.model, cfg_.adapter_dir);
   LogInfo("adapter exported to " + cfg_.adapter_dir);
   if (cfg_.spec.output.merge) {
@@ -567,6 +920,7 @@ void Trainer::Finish() {
 }
 
 int Trainer::Train() {
+  ReleaseCachedMemory(device_);  // load/quantisation temporaries
   int64_t step = state_.step + 1;
   while (step <= max_steps_) {
     bool rolled_back = false;
@@ -593,10 +947,17 @@ int Trainer::Train() {
   return kExitOk;
 }
 
-// Emits an `error` event (when a sink exists) and logs it.
-int Fail(EventSink* events, const char* reason, const std::string& message, int code) {
+// Emits an `error` event (when a sink exists) and logs it. `details` (an
+// object: the NAN_ABORT diagnosis, the plan that ran out of memory) is merged
+// into the event.
+int Fail(EventSink* events, const char* reason, const std::string& message, int code,
+         const nlohmann::json& details = nullptr) {
   LogError(std::string(reason) + ": " + message);
-  if (events != nullptr) events->Emit("error", {{"reason", reason}, {"message", message}});
+  if (events != nullptr) {
+    nlohmann::json payload = {{"reason", reason}, {"message", message}};
+    if (details.is_object()) payload.update(details);
+    events->Emit("error", payload);
+  }
   return code;
 }
 
@@ -633,7 +994,9 @@ int RunTraining(const TrainRunOptions& options) {
     if (!e.report().is_null() && cfg->dist.rank == 0) events->Emit("preflight", e.report());
     return Fail(events.get(), "DATA", e.what(), kExitData);
   } catch (const NanAbortError& e) {
-    return Fail(events.get(), "NAN_ABORT", e.what(), kExitNanAbort);
+    return Fail(events.get(), "NAN_ABORT", e.what(), kExitNanAbort, {{"diagnosis", e.details()}});
+  } catch (const OomExhaustedError& e) {
+    return Fail(events.get(), "OOM", e.what(), kExitOom, e.details());
   } catch (const c10::OutOfMemoryError& e) {
     return Fail(events.get(), "OOM", e.what_without_backtrace(), kExitOom);
   } catch (const c10::Error& e) {

@@ -6,8 +6,12 @@
 //              complete checkpoint (--resume).
 //   TrainLoop  per step: agree on the step's supervised-token count (and on
 //              stopping) across ranks, forward/backward each micro-batch with
-//              loss = LossSum / global count, all-reduce LoRA grads, global
-//              grad norm, NaN guard, clip, AdamW, step event, checkpoint.
+//              loss = LossSum / global count (x the fp16 loss scale),
+//              all-reduce the loss with an "OOM on some rank" flag (any OOM:
+//              every rank steps the plan down and redoes the step, see
+//              README "Runtime recovery"), all-reduce LoRA grads, unscale,
+//              global grad norm, NaN guard, clip, AdamW, step event,
+//              checkpoint.
 //   Finish     final checkpoint, PEFT adapter export (+ merged model), done.
 //
 // Exit codes and error events follow docs/events.md: 0 finished, 2 bad

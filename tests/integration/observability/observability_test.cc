@@ -1,11 +1,14 @@
 // Observability integration test (issue 6, acceptance 1-3), against real
 // peers on loopback:
-//   * tune-server with --metrics-listen, a tune-worker with a CPU slot and the
-//     real tune-train when built (else the control-plane test double), and a
-//     CPU job that reports a NaN alert;
-//   * `promtool check metrics` on a /metrics scrape taken mid-job;
+//   * tune-server with --metrics-listen, a tune-worker with a CPU slot, its own
+//     --metrics-listen and the real tune-train when built (else the
+//     control-plane test double), and a CPU job that reports a NaN alert;
+//   * `promtool check metrics` on server and worker /metrics scrapes taken
+//     mid-job; the worker reports its CPU slot's host as gpu="cpu" under the
+//     same worker label the server uses;
 //   * a real Prometheus, configured from deploy/prometheus/prometheus.yml
-//     (targets and intervals replaced), scraping the server during the job;
+//     (targets and intervals replaced), scraping server and worker during the
+//     job;
 //   * every PromQL expression of deploy/grafana/*.json and of the rule files
 //     in deploy/prometheus/ - parsed out of the files, never listed here -
 //     returns at least one series from that Prometheus;
@@ -30,6 +33,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -350,7 +354,12 @@ TEST_F(ObservabilityTest, MetricsDashboardsAndAlertsAgainstRealPrometheus) {
   ASSERT_TRUE(WaitForPort(metrics_port, seconds(10))) << "no /metrics on " << metrics_port;
 
   const TrainerChoice trainer = PreferredTrainer();
-  ASSERT_NE(StartWorker("obs-w1", 1, trainer, {{"FAKE_TRAINER_STEP_MS", "250"}}), nullptr);
+  const int worker_metrics_port = FreePort();
+  ASSERT_NE(StartWorker("obs-w1", 1, trainer, {{"FAKE_TRAINER_STEP_MS", "250"}},
+                        {"--metrics-listen", "127.0.0.1:" + std::to_string(worker_metrics_port)}),
+            nullptr);
+  ASSERT_TRUE(WaitForPort(worker_metrics_port, seconds(10)))
+      << "no worker /metrics on " << worker_metrics_port;
 
   // Prometheus, configured from the shipped prometheus.yml: same scrape
   // settings (honor_labels above all), local target, 1 s intervals.
@@ -361,24 +370,31 @@ TEST_F(ObservabilityTest, MetricsDashboardsAndAlertsAgainstRealPrometheus) {
   YAML::Node rules(YAML::NodeType::Sequence);
   for (const std::string& f : rule_files) rules.push_back(f);
   cfg["rule_files"] = rules;
+  // Both shipped scrape jobs, each pointed at its local process (the
+  // workers' file_sd discovery is dropped: the one target is static here).
   YAML::Node scrapes(YAML::NodeType::Sequence);
-  bool found_server_job = false;
+  std::map<std::string, int> job_ports = {{"tunefleet-server", metrics_port},
+                                          {"tunefleet-workers", worker_metrics_port}};
   for (YAML::Node sc : cfg["scrape_configs"]) {
-    if (sc["job_name"].as<std::string>() != "tunefleet-server") continue;
-    found_server_job = true;
+    const std::string name = sc["job_name"].as<std::string>();
+    auto port = job_ports.find(name);
+    if (port == job_ports.end()) continue;
     EXPECT_TRUE(sc["honor_labels"] && sc["honor_labels"].as<bool>())
-        << "the tunefleet-server scrape needs honor_labels: true (the `job` label)";
+        << "the " << name << " scrape needs honor_labels: true (the `job` and `worker` labels)";
     YAML::Node target;
-    target["targets"].push_back("127.0.0.1:" + std::to_string(metrics_port));
+    target["targets"].push_back("127.0.0.1:" + std::to_string(port->second));
     YAML::Node statics(YAML::NodeType::Sequence);
     statics.push_back(target);
     sc["static_configs"] = statics;
+    sc.remove("file_sd_configs");
     sc["scrape_interval"] = "1s";
     scrapes.push_back(sc);
+    job_ports.erase(port);
   }
-  // tune-worker does not serve /metrics yet (its GPU numbers reach the server
-  // through heartbeats), so only the server job is scraped here.
-  ASSERT_TRUE(found_server_job) << "deploy/prometheus/prometheus.yml has no tunefleet-server job";
+  for (const auto& [name, port] : job_ports) {
+    ADD_FAILURE() << "deploy/prometheus/prometheus.yml has no " << name << " scrape job";
+  }
+  ASSERT_TRUE(job_ports.empty());
   cfg["scrape_configs"] = scrapes;
   YAML::Emitter emitter;
   emitter << cfg;
@@ -400,14 +416,16 @@ TEST_F(ObservabilityTest, MetricsDashboardsAndAlertsAgainstRealPrometheus) {
   // wait for the first scrape before the job starts: its counters must be
   // seen at 0 before they are incremented.
   json up;
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        return Evaluate(prom_port, "up{job=\"tunefleet-server\"} == 1", &up, &error) &&
-               up.size() == 1;
-      },
-      seconds(30)))
-      << "Prometheus never scraped tune-server: " << error << "\n"
-      << processes_.back()->LogTail(30);
+  for (const std::string scrape_job : {"tunefleet-server", "tunefleet-workers"}) {
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          return Evaluate(prom_port, "up{job=\"" + scrape_job + "\"} == 1", &up, &error) &&
+                 up.size() == 1;
+        },
+        seconds(30)))
+        << "Prometheus never scraped " << scrape_job << ": " << error << "\n"
+        << processes_.back()->LogTail(30);
+  }
 
   // --- A CPU job that reports a NaN alert at step kNanStep and runs long
   // enough for Prometheus to see it. The alert comes a few scrapes after the
@@ -441,6 +459,43 @@ TEST_F(ObservabilityTest, MetricsDashboardsAndAlertsAgainstRealPrometheus) {
                                  {}, seconds(30));
     EXPECT_EQ(r.exit_code, 0) << "promtool check metrics on the mid-job scrape:\n"
                               << r.out << r.err << "\nscrape:\n" << scrape;
+  }
+
+  // --- The worker's own /metrics mid-job: its CPU slot is busy with the one
+  // rank, the host is its "cpu" device, and promtool accepts the text.
+  std::string worker_scrape;
+  auto has = [&](const std::string& text, const std::string& line) {
+    return text.find(line) != std::string::npos;
+  };
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        return HttpGet(worker_metrics_port, "/metrics", &worker_scrape) == 200 &&
+               has(worker_scrape, "tune_worker_ranks_running{worker=\"obs-w1\"} 1\n");
+      },
+      seconds(15)))
+      << "worker /metrics never showed the running rank:\n" << worker_scrape;
+  EXPECT_EQ(GetJob(id).value("state", ""), "RUNNING") << "the worker scrape must be mid-job";
+  for (const char* line :
+       {"tune_worker_connected{worker=\"obs-w1\"} 1\n",
+        "tune_worker_slots{device=\"cpu\",state=\"busy\",worker=\"obs-w1\"} 1\n",
+        "tune_worker_slots{device=\"cpu\",state=\"free\",worker=\"obs-w1\"} 0\n",
+        "tune_worker_slots{device=\"gpu\",state=\"free\",worker=\"obs-w1\"} 0\n",
+        "tune_worker_gpu_memory_bytes{gpu=\"cpu\",kind=\"used\",worker=\"obs-w1\"} ",
+        "tune_worker_gpu_memory_bytes{gpu=\"cpu\",kind=\"total\",worker=\"obs-w1\"} ",
+        "tune_worker_gpu_utilization_ratio{gpu=\"cpu\",worker=\"obs-w1\"} ",
+        "tune_worker_outbox_events{worker=\"obs-w1\"} "}) {
+    EXPECT_TRUE(has(worker_scrape, line)) << "missing " << line << " in\n" << worker_scrape;
+  }
+  // No GPU on a worker started with --gpus none: no numeric gpu label.
+  EXPECT_FALSE(std::regex_search(worker_scrape, std::regex(R"(gpu="[0-9]+")"))) << worker_scrape;
+  const std::string worker_scrape_file = tmp_ + "/worker-scrape.txt";
+  WriteFile(worker_scrape_file, worker_scrape);
+  {
+    CommandResult r = RunCommand({"/bin/sh", "-c", "exec \"$0\" check metrics < \"$1\"",
+                                  promtool, worker_scrape_file},
+                                 {}, seconds(30));
+    EXPECT_EQ(r.exit_code, 0) << "promtool check metrics on the worker's mid-job scrape:\n"
+                              << r.out << r.err << "\nscrape:\n" << worker_scrape;
   }
 
   // --- Prometheus has the job, under its own `job` label (honor_labels).
@@ -479,6 +534,16 @@ TEST_F(ObservabilityTest, MetricsDashboardsAndAlertsAgainstRealPrometheus) {
     check(q, AddBoolToComparisons(SubstituteGrafanaVariables(q.expr)));
   }
   for (const Query& q : rule_queries) check(q, AddBoolToComparisons(q.expr));
+
+  // Worker-reported and server-reported device series join on (worker, gpu):
+  // both processes name the worker and its CPU device the same way.
+  const std::string joined =
+      "tune_worker_gpu_memory_bytes{kind=\"total\"} and on (worker, gpu) tune_gpu_memory_bytes";
+  EXPECT_TRUE(WaitUntil(
+      [&] { return Evaluate(prom_port, joined, &series, &error) && series.size() == 1; },
+      seconds(15)))
+      << "worker and server device series do not join on (worker, gpu): " << series.dump()
+      << error;
 
   // The NaN alert is visible as an increase in Prometheus: the signal the
   // TunefleetNanAlert rule and the dashboard annotation use.

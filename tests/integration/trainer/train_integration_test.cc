@@ -169,6 +169,8 @@ struct JobOptions {
   int warmup = 2;
   std::string optimizer = "adamw";
   int every = 10;
+  int keep = 2;
+  std::string training_extra;  // YAML lines inside `training:`, each "  key: value\n"
   std::string extra;  // appended YAML
 };
 
@@ -221,7 +223,8 @@ class TrainerIntegrationTest : public ::testing::Test {
       << "  weight_decay: 0.0\n"
       << "  gradient_checkpointing: off\n"
       << "  seed: 3407\n"
-      << "checkpoint: {every_steps: " << o.every << ", keep: 2}\n"
+      << o.training_extra
+      << "checkpoint: {every_steps: " << o.every << ", keep: " << o.keep << "}\n"
       << "output: {dir: " << (*root_ / name).string() << "}\n"
       << "resources: {cpu_ranks: " << o.cpu_ranks << "}\n"
       << o.extra;
@@ -380,6 +383,219 @@ TEST_F(TrainerIntegrationTest, InjectedNanIsSkipped) {
     if (e["type"] == "step" && e["step"] == 4) EXPECT_TRUE(e["loss"].is_number());
   }
   EXPECT_EQ(alerts, 1);
+}
+
+// Values of every F32 tensor of a safetensors file (the exported adapter).
+std::vector<float> SafetensorsF32Values(const fs::path& p) {
+  const std::string bytes = ReadFile(p);
+  std::vector<float> values;
+  if (bytes.size() < 8) return values;
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[static_cast<size_t>(i)]);
+  const auto header = nlohmann::json::parse(bytes.substr(8, n));
+  for (const auto& [name, t] : header.items()) {
+    if (name == "__metadata__") continue;
+    EXPECT_EQ(t["dtype"], "F32") << name;
+    const size_t begin = 8 + n + t["data_offsets"][0].get<size_t>();
+    const size_t end = 8 + n + t["data_offsets"][1].get<size_t>();
+    for (size_t off = begin; off + 4 <= end; off += 4) {
+      float v;
+      std::memcpy(&v, bytes.data() + off, 4);
+      values.push_back(v);
+    }
+  }
+  return values;
+}
+
+std::vector<nlohmann::json> EventsOfType(const fs::path& out_dir, const std::string& type) {
+  std::vector<nlohmann::json> out;
+  for (const auto& e : Events(out_dir)) {
+    if (e["type"] == type) out.push_back(e);
+  }
+  return out;
+}
+
+// Issue 5 acceptance 1: NaN at steps 5 and 6 -> two alerts, no update at
+// those steps (the adapter after step 6 is bit-identical to an unfaulted run
+// stopped after step 4), and a finite final adapter.
+TEST_F(TrainerIntegrationTest, NanStepsFiveSixAreSkippedWithoutUpdate) {
+  JobOptions o;
+  o.max_steps = 6;
+  o.every = 100;
+  o.extra = "faults: {nan_at_steps: [5, 6]}\n";
+  JobOptions ref = o;
+  ref.max_steps = 4;
+  ref.extra = "";
+  const std::string job = WriteJob("nan56", o);
+  const std::string ref_job = WriteJob("nan56-ref", ref);
+  ASSERT_EQ(RunTrainer({"--config", job}, (*root_ / "nan56-run").string()), 0) << ReadFile(*root_ / "nan56-run.err");
+  ASSERT_EQ(RunTrainer({"--config", ref_job}, (*root_ / "nan56-ref-run").string()), 0)
+      << ReadFile(*root_ / "nan56-ref-run.err");
+  const auto alerts = EventsOfType(*root_ / "nan56", "nan_alert");
+  ASSERT_EQ(alerts.size(), 2u);
+  EXPECT_EQ(alerts[0]["step"], 5);
+  EXPECT_EQ(alerts[1]["step"], 6);
+  for (const auto& a : alerts) EXPECT_EQ(a["action"], "skip");
+  EXPECT_EQ(alerts[1]["consecutive"], 2);
+  for (const auto& e : EventsOfType(*root_ / "nan56", "step")) {
+    EXPECT_EQ(e["skipped"], e["step"] == 5 || e["step"] == 6) << e.dump();
+  }
+  const fs::path adapter = *root_ / "nan56" / "adapter" / "adapter_model.safetensors";
+  const fs::path ref_adapter = *root_ / "nan56-ref" / "adapter" / "adapter_model.safetensors";
+  const auto values = SafetensorsF32Values(adapter);
+  ASSERT_FALSE(values.empty());
+  for (float v : values) ASSERT_TRUE(std::isfinite(v)) << "non-finite value in the final adapter";
+  const auto ref_values = SafetensorsF32Values(ref_adapter);
+  ASSERT_EQ(values.size(), ref_values.size());
+  EXPECT_TRUE(values == ref_values) << "the skipped steps 5 and 6 changed the adapter";
+}
+
+// [5,6,7,8] with max_consecutive 3: the third bad step in a row rolls back to
+// the step-4 checkpoint and halves the LR (lr_backoff 0.5); the replayed steps
+// are clean (faults fire once per step), step 8 is skipped again, and the
+// run finishes with every later step at backoff x schedule.
+TEST_F(TrainerIntegrationTest, NanStreakRollsBackAndLowersLr) {
+  JobOptions o;
+  o.max_steps = 10;
+  o.every = 4;
+  o.keep = 3;
+  o.lr = 1e-2;
+  o.warmup = 0;  // constant schedule without warmup: the expected LR is base x scale
+  o.training_extra = "  nan_policy: {max_consecutive: 3, lr_backoff: 0.5}\n";
+  o.extra = "faults: {nan_at_steps: [5, 6, 7, 8]}\n";
+  const std::string job = WriteJob("rollback", o);
+  ASSERT_EQ(RunTrainer({"--config", job}, (*root_ / "rollback-run").string()), 0)
+      << ReadFile(*root_ / "rollback-run.err");
+  std::vector<std::string> actions;
+  for (const auto& a : EventsOfType(*root_ / "rollback", "nan_alert")) {
+    actions.push_back(std::to_string(a["step"].get<int>()) + ":" + a["action"].get<std::string>());
+  }
+  EXPECT_EQ(actions, (std::vector<std::string>{"5:skip", "6:skip", "7:rollback", "8:skip"}));
+  bool after_rollback = false;
+  int later_steps = 0;
+  for (const auto& e : Events(*root_ / "rollback")) {
+    if (e["type"] == "nan_alert" && e["action"] == "rollback") after_rollback = true;
+    if (e["type"] != "step") continue;
+    if (!after_rollback) {
+      EXPECT_NEAR(e["lr"].get<double>(), 1e-2, 1e-12) << e.dump();
+    } else {
+      ++later_steps;
+      EXPECT_NEAR(e["lr"].get<double>(), 0.5e-2, 1e-12) << e.dump();
+    }
+  }
+  EXPECT_EQ(later_steps, 6) << "steps 5..10 run again after the rollback to step 4";
+  const auto losses = StepLosses(*root_ / "rollback");
+  EXPECT_TRUE(losses.count(10) && std::isfinite(losses.at(10)));
+  EXPECT_EQ(EventsOfType(*root_ / "rollback", "done").size(), 1u);
+}
+
+// NaN that keeps coming back after max_rollbacks (2) rollbacks ends the run
+// with NAN_ABORT (exit 4) and a diagnosis: LR, precision, rollbacks, history.
+TEST_F(TrainerIntegrationTest, PersistentNanAbortsWithDiagnosis) {
+  JobOptions o;
+  o.max_steps = 30;
+  o.every = 2;
+  o.keep = 3;
+  o.training_extra = "  nan_policy: {max_consecutive: 3, lr_backoff: 0.5, max_rollbacks: 2}\n";
+  std::string steps;
+  for (int s = 3; s <= 30; ++s) steps += (steps.empty() ? "" : ", ") + std::to_string(s);
+  o.extra = "faults: {nan_at_steps: [" + steps + "]}\n";
+  const std::string job = WriteJob("nanabort", o);
+  EXPECT_EQ(RunTrainer({"--config", job}, (*root_ / "nanabort-run").string()), 4)
+      << ReadFile(*root_ / "nanabort-run.err");
+  const auto errors = EventsOfType(*root_ / "nanabort", "error");
+  ASSERT_EQ(errors.size(), 1u);
+  const auto& err = errors[0];
+  EXPECT_EQ(err["reason"], "NAN_ABORT");
+  const std::string msg = err["message"];
+  EXPECT_NE(msg.find("2 rollback(s)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("precision fp32"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("last grad norms"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("training.learning_rate"), std::string::npos) << msg;
+  const auto& d = err["diagnosis"];
+  EXPECT_EQ(d["rollbacks"], 2);
+  EXPECT_EQ(d["precision"], "fp32");
+  EXPECT_NEAR(d["lr_scale"].get<double>(), 0.25, 1e-12);
+  EXPECT_NEAR(d["lr"].get<double>(), 0.25 * o.lr, 1e-12);  // constant schedule, past warmup
+  ASSERT_TRUE(d["recent_grad_norms"].is_array());
+  EXPECT_EQ(d["recent_grad_norms"].size(), 10u);
+  EXPECT_EQ(d["recent_losses"].back(), "nan");
+  EXPECT_FALSE(fs::exists(*root_ / "nanabort" / "adapter"));
+}
+
+// Issue 5 acceptance 2: an OOM at step 3 with micro-batch 4 halves the
+// micro-batch and doubles grad-accum, redoes the step, and the loss curve
+// equals a run with micro-batch 2 from the start (same effective batch, same
+// normalisation; lora.dropout is 0 in these jobs, so no dropout draw depends
+// on the split).
+TEST_F(TrainerIntegrationTest, InjectedOomHalvesMicroBatchAndKeepsTheCurve) {
+  JobOptions o;
+  o.max_steps = 6;
+  o.every = 100;
+  o.micro = 4;
+  o.extra = "faults: {oom_at_steps: [3]}\n";
+  JobOptions ref = o;
+  ref.micro = 2;
+  ref.extra = "";
+  const std::string job = WriteJob("oom3", o);
+  const std::string ref_job = WriteJob("oom3-ref", ref);
+  ASSERT_EQ(RunTrainer({"--config", job}, (*root_ / "oom3-run").string()), 0) << ReadFile(*root_ / "oom3-run.err");
+  ASSERT_EQ(RunTrainer({"--config", ref_job}, (*root_ / "oom3-ref-run").string()), 0)
+      << ReadFile(*root_ / "oom3-ref-run.err");
+  const auto recovered = EventsOfType(*root_ / "oom3", "oom_recovered");
+  ASSERT_EQ(recovered.size(), 1u);
+  EXPECT_EQ(recovered[0]["step"], 3);
+  EXPECT_EQ(recovered[0]["micro_batch_size"], 2);
+  EXPECT_EQ(recovered[0]["grad_accum"], 2);
+  EXPECT_EQ(recovered[0]["gradient_checkpointing"], false);
+  EXPECT_EQ(recovered[0]["offload"], false);
+  EXPECT_EQ(recovered[0]["attempt"], 1);
+  EXPECT_NE(recovered[0]["message"].get<std::string>().find("out of memory"), std::string::npos);
+  for (const auto& e : EventsOfType(*root_ / "oom3", "step")) {
+    EXPECT_EQ(e["micro_batch_size"], e["step"].get<int>() < 3 ? 4 : 2) << e.dump();
+    EXPECT_EQ(e["grad_accum"], e["step"].get<int>() < 3 ? 1 : 2) << e.dump();
+  }
+  const auto a = StepLosses(*root_ / "oom3");
+  const auto b = StepLosses(*root_ / "oom3-ref");
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), 6u);
+  for (int s = 1; s <= 6; ++s) EXPECT_NEAR(a.at(s), b.at(s), 1e-5 * std::abs(b.at(s))) << "step " << s;
+}
+
+// OOM at every step: micro 4 -> 2 -> 1, then checkpointing, then offload;
+// the fifth OOM has nothing left: exit 3 (OOM) with the plan that failed.
+TEST_F(TrainerIntegrationTest, OomEverywhereExhaustsThePlanAndFails) {
+  JobOptions o;
+  o.max_steps = 8;
+  o.every = 100;
+  o.micro = 4;
+  o.extra = "faults: {oom_at_steps: [1, 2, 3, 4, 5, 6, 7, 8]}\n";
+  const std::string job = WriteJob("oomall", o);
+  EXPECT_EQ(RunTrainer({"--config", job}, (*root_ / "oomall-run").string()), 3) << ReadFile(*root_ / "oomall-run.err");
+  const auto recovered = EventsOfType(*root_ / "oomall", "oom_recovered");
+  ASSERT_EQ(recovered.size(), 4u);
+  const std::vector<std::vector<int>> want = {{1, 2, 2, 0, 0}, {2, 1, 4, 0, 0}, {3, 1, 4, 1, 0}, {4, 1, 4, 1, 1}};
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(recovered[i]["step"], want[i][0]) << i;
+    EXPECT_EQ(recovered[i]["micro_batch_size"], want[i][1]) << i;
+    EXPECT_EQ(recovered[i]["grad_accum"], want[i][2]) << i;
+    EXPECT_EQ(recovered[i]["gradient_checkpointing"], want[i][3] == 1) << i;
+    EXPECT_EQ(recovered[i]["offload"], want[i][4] == 1) << i;
+  }
+  // Steps 1..4 completed after their recovery, each with the smaller plan.
+  EXPECT_EQ(StepLosses(*root_ / "oomall").size(), 4u);
+  const auto errors = EventsOfType(*root_ / "oomall", "error");
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_EQ(errors[0]["reason"], "OOM");
+  EXPECT_EQ(errors[0]["step"], 5);
+  const auto& plan = errors[0]["plan"];
+  EXPECT_EQ(plan["micro_batch_size"], 1);
+  EXPECT_EQ(plan["grad_accum"], 4);
+  EXPECT_EQ(plan["gradient_checkpointing"], true);
+  EXPECT_EQ(plan["offload"], true);
+  const std::string msg = errors[0]["message"];
+  EXPECT_NE(msg.find("micro-batch 1 x grad-accum 4"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("dataset.max_seq_length"), std::string::npos) << msg;
 }
 
 // SIGTERM (tune-worker's cancel) stops at the next step boundary with a

@@ -171,6 +171,22 @@ TEST_F(JobSpecTest, EnumsAndRangesChecked) {
       << FormatErrors(errors);
 }
 
+TEST_F(JobSpecTest, PreTokenizedFormatAccepted) {
+  JobSpec s;
+  auto errors = ParseAndValidate("model: model\ndataset: {path: data.jsonl, format: tokens, packing: true}\n", &s);
+  EXPECT_TRUE(errors.empty()) << FormatErrors(errors);
+  EXPECT_EQ(s.dataset.format, "tokens");
+  JobSpec round;
+  ASSERT_TRUE(ParseJobSpec(EmitJobSpecYaml(s), &round).empty());
+  EXPECT_EQ(round.dataset.format, "tokens");
+
+  JobSpec bad;
+  errors = ParseAndValidate("model: model\ndataset: {path: data.jsonl, format: token_ids}\n", &bad);
+  ASSERT_EQ(errors.size(), 1u) << FormatErrors(errors);
+  EXPECT_EQ(errors[0].path, "dataset.format");
+  EXPECT_NE(errors[0].message.find("tokens"), std::string::npos) << errors[0].message;
+}
+
 TEST_F(JobSpecTest, EmptyAndNonMappingDocuments) {
   JobSpec s;
   EXPECT_EQ(ParseJobSpec("", &s).size(), 1u);

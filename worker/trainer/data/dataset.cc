@@ -1,6 +1,7 @@
 #include "worker/trainer/data/dataset.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <optional>
 #include <stdexcept>
@@ -26,6 +27,7 @@ std::optional<DatasetFormat> Detect(const json& j, std::string* key) {
     return DatasetFormat::kPromptCompletion;
   }
   if (j.contains("text")) { *key = "\"text\""; return DatasetFormat::kText; }
+  if (j.contains("input_ids")) { *key = "\"input_ids\""; return DatasetFormat::kTokens; }
   return std::nullopt;
 }
 
@@ -82,6 +84,26 @@ std::vector<Message> ConvertSharegpt(const json& j) {
   return out;
 }
 
+// An array of integers that fit int32 (range against the vocabulary is
+// checked later, where the tokenizer is known).
+std::vector<int32_t> ConvertIds(const json& j, const std::string& key) {
+  const json& arr = j[key];
+  if (!arr.is_array()) {
+    throw LineError{"\"" + key + "\" must be an array of token ids (got " + std::string(arr.type_name()) + ")"};
+  }
+  std::vector<int32_t> out;
+  out.reserve(arr.size());
+  for (size_t i = 0; i < arr.size(); ++i) {
+    const json& v = arr[i];
+    const bool fits = v.is_number_integer() && v.get<int64_t>() >= INT32_MIN && v.get<int64_t>() <= INT32_MAX;
+    if (!fits) {
+      throw LineError{key + "[" + std::to_string(i) + "] must be an integer token id (got " + v.dump() + ")"};
+    }
+    out.push_back(static_cast<int32_t>(v.get<int64_t>()));
+  }
+  return out;
+}
+
 RawExample Convert(const json& j, DatasetFormat f, int line) {
   if (!j.is_object()) throw LineError{"not a JSON object"};
   RawExample ex;
@@ -102,6 +124,18 @@ RawExample Convert(const json& j, DatasetFormat f, int line) {
     case DatasetFormat::kSharegpt:
       ex.messages = ConvertSharegpt(j);
       break;
+    case DatasetFormat::kTokens:
+      if (!j.contains("input_ids")) throw LineError{"missing key \"input_ids\" (format is tokens)"};
+      ex.input_ids = ConvertIds(j, "input_ids");
+      if (ex.input_ids.empty()) throw LineError{"\"input_ids\" is empty"};
+      if (j.contains("labels")) {
+        ex.labels = ConvertIds(j, "labels");
+        if (ex.labels.size() != ex.input_ids.size()) {
+          throw LineError{"\"labels\" has " + std::to_string(ex.labels.size()) + " entries but \"input_ids\" has " +
+                          std::to_string(ex.input_ids.size()) + "; they must be the same length (-100 = not supervised)"};
+        }
+      }
+      break;
   }
   return ex;
 }
@@ -118,6 +152,7 @@ const char* FormatName(DatasetFormat f) {
     case DatasetFormat::kPromptCompletion: return "prompt_completion";
     case DatasetFormat::kMessages: return "messages";
     case DatasetFormat::kSharegpt: return "sharegpt";
+    case DatasetFormat::kTokens: return "tokens";
   }
   return "?";
 }
@@ -129,9 +164,10 @@ LoadedDataset ReadJsonl(std::istream& in, const std::string& format) {
   else if (format == "prompt_completion") fmt = DatasetFormat::kPromptCompletion;
   else if (format == "messages") fmt = DatasetFormat::kMessages;
   else if (format == "sharegpt") fmt = DatasetFormat::kSharegpt;
+  else if (format == "tokens") fmt = DatasetFormat::kTokens;
   else if (format != "auto") {
     throw std::invalid_argument("dataset.format: unknown format '" + format +
-                                "'; use auto, text, prompt_completion, messages or sharegpt");
+                                "'; use auto, text, prompt_completion, messages, sharegpt or tokens");
   }
   if (fmt) out.format_reason = "dataset.format: " + format;
   // Lines before the format is known are kept parsed until detection.
@@ -177,7 +213,7 @@ LoadedDataset ReadJsonl(std::istream& in, const std::string& format) {
     }
     throw std::invalid_argument(
         "dataset.format is auto but no line is a JSON object with \"messages\", \"conversations\", "
-        "\"prompt\"+\"completion\" or \"text\"; fix the data or set dataset.format");
+        "\"prompt\"+\"completion\", \"text\" or \"input_ids\"; fix the data or set dataset.format");
   }
   out.format = *fmt;
   // Bad lines were appended out of order when detection came late.

@@ -76,6 +76,24 @@ json MaskedSegments(const Example& ex, const Tokenizer& tok) {
   return segs;
 }
 
+// "" when every id (and label other than -100) of a pre-tokenized example is in
+// [0, vocab); else which one is not.
+std::string OutOfVocab(const RawExample& raw, int32_t vocab) {
+  auto check = [&](const std::vector<int32_t>& ids, const char* key, bool allow_ignore) -> std::string {
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (allow_ignore && ids[i] == kIgnoreIndex) continue;
+      if (ids[i] < 0 || ids[i] >= vocab) {
+        return std::string(key) + "[" + std::to_string(i) + "] = " + std::to_string(ids[i]) +
+               " is outside the tokenizer's vocabulary [0, " + std::to_string(vocab) + ")" +
+               (allow_ignore ? " and is not -100" : "");
+      }
+    }
+    return "";
+  };
+  std::string e = check(raw.input_ids, "input_ids", false);
+  return e.empty() ? check(raw.labels, "labels", true) : e;
+}
+
 }  // namespace
 
 DataOptions DataOptions::FromSpec(const spec::DatasetSpec& d) {
@@ -112,7 +130,11 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
   // Template (not needed for plain text).
   std::unique_ptr<ChatTemplate> tmpl;
   bool raw_prompt_completion = false;
-  if (data.format == DatasetFormat::kText) {
+  if (data.format == DatasetFormat::kTokens) {
+    report["template"] = {{"name", nullptr},
+                          {"reason", "format tokens is pre-tokenized: ids are used as given "
+                                     "(no template, no BOS/EOS changes, no truncation)"}};
+  } else if (data.format == DatasetFormat::kText) {
     report["template"] = {{"name", nullptr}, {"reason", "format text is not templated (text + EOS)"}};
   } else if (data.format == DatasetFormat::kPromptCompletion && opts.chat_template == "auto" &&
              tok.chat_template().empty()) {
@@ -156,8 +178,68 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
   std::vector<BadLine> bad = data.bad_lines;
   json first_example;
   const bool all = opts.train_on == "all";
+  // Pre-tokenized lines the model cannot take as given: errors, not skips
+  // (a wrong tokenizer or max_seq_length affects the whole file, and silently
+  // truncating or dropping would train on data the user did not write).
+  int too_long = 0, out_of_vocab = 0;
+  std::string first_too_long, first_out_of_vocab;
+
+  auto accept = [&](Example ex, int supervised, int line) {
+    const size_t n = ex.input_ids.size();
+    double frac = static_cast<double>(supervised) / static_cast<double>(n);
+    c.histogram[std::min(9, static_cast<int>(frac * 10))]++;
+    c.tokens += static_cast<int64_t>(n);
+    c.supervised_tokens += supervised;
+    ex.position_ids.resize(n);
+    for (size_t t = 0; t < n; ++t) ex.position_ids[t] = static_cast<int32_t>(t);
+    ex.segment_ids.assign(n, 0);
+    if (first_example.is_null()) {
+      first_example = {{"line", line},
+                       {"tokens", n},
+                       {"supervised_tokens", supervised},
+                       {"segments", MaskedSegments(ex, tok)}};
+    }
+    singles.push_back(std::move(ex));
+  };
 
   for (const RawExample& raw : data.examples) {
+    if (data.format == DatasetFormat::kTokens) {
+      const std::string where = "line " + std::to_string(raw.line) + ": ";
+      const size_t n = raw.input_ids.size();
+      if (n > static_cast<size_t>(opts.max_seq_length)) {
+        if (too_long++ == 0) {
+          first_too_long = where + std::to_string(n) + " ids, more than dataset.max_seq_length = " +
+                           std::to_string(opts.max_seq_length);
+        }
+        continue;
+      }
+      std::string bad_id = OutOfVocab(raw, tok.vocab_size());
+      if (!bad_id.empty()) {
+        if (out_of_vocab++ == 0) first_out_of_vocab = where + bad_id;
+        continue;
+      }
+      Example ex;
+      ex.input_ids = raw.input_ids;
+      ex.labels.assign(n, kIgnoreIndex);
+      int supervised = 0;
+      for (size_t t = 0; t + 1 < n; ++t) {
+        const int32_t target = raw.labels.empty() ? raw.input_ids[t + 1] : raw.labels[t + 1];
+        if (target != kIgnoreIndex) {
+          ex.labels[t] = target;
+          ++supervised;
+        }
+      }
+      if (supervised == 0) {
+        ++c.dropped_no_supervised;
+        if (c.dropped_examples.size() < kReportedBadLines) {
+          c.dropped_examples.push_back(
+              {{"line", raw.line}, {"reason", "no supervised token (one id only, or labels[1:] all -100)"}});
+        }
+        continue;
+      }
+      accept(std::move(ex), supervised, raw.line);
+      continue;
+    }
     Rendered r;
     int assistant_turns = 0;
     try {
@@ -182,6 +264,8 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
           r.segments = tmpl->Render(raw.messages, tok.bos_token(), tok.eos_token());
           for (const auto& m : raw.messages) assistant_turns += m.role == "assistant";
           break;
+        case DatasetFormat::kTokens:
+          break;  // handled above: pre-tokenized ids are never rendered
       }
     } catch (const TemplateError& e) {
       bad.push_back({raw.line, e.what()});
@@ -261,20 +345,7 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
     if (bos_removed > 0 || bos_added) ++c.bos_fixed;
     c.bos_duplicates_removed += bos_removed;
     c.bos_added += bos_added ? 1 : 0;
-    double frac = static_cast<double>(supervised) / static_cast<double>(ids.size());
-    c.histogram[std::min(9, static_cast<int>(frac * 10))]++;
-    c.tokens += static_cast<int64_t>(ids.size());
-    c.supervised_tokens += supervised;
-    ex.position_ids.resize(ids.size());
-    for (size_t t = 0; t < ids.size(); ++t) ex.position_ids[t] = static_cast<int32_t>(t);
-    ex.segment_ids.assign(ids.size(), 0);
-    if (first_example.is_null()) {
-      first_example = {{"line", raw.line},
-                       {"tokens", ids.size()},
-                       {"supervised_tokens", supervised},
-                       {"segments", MaskedSegments(ex, tok)}};
-    }
-    singles.push_back(std::move(ex));
+    accept(std::move(ex), supervised, raw.line);
   }
 
   std::sort(bad.begin(), bad.end(), [](const BadLine& a, const BadLine& b) { return a.line < b.line; });
@@ -297,6 +368,17 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
   report["first_example"] = first_example;
   report["warnings"] = warnings;
 
+  if (too_long > 0) {
+    throw DataError("dataset.format tokens: " + first_too_long + " (" + std::to_string(too_long) +
+                        " line(s) too long). Pre-tokenized sequences are never truncated: raise "
+                        "dataset.max_seq_length or split the sequences",
+                    report);
+  }
+  if (out_of_vocab > 0) {
+    throw DataError("dataset.format tokens: " + first_out_of_vocab + " (" + std::to_string(out_of_vocab) +
+                        " line(s) with ids outside the vocabulary). Tokenize with this model's tokenizer.json",
+                    report);
+  }
   double bad_frac = data.nonblank_lines > 0
                         ? static_cast<double>(bad.size()) / static_cast<double>(data.nonblank_lines)
                         : 0.0;

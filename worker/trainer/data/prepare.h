@@ -27,6 +27,16 @@
 //     segment_ids number the examples within a sequence (attention must not
 //     cross segment boundaries). Without packing: position_ids 0..n-1, segment_ids 0.
 //
+// Format `tokens` (pre-tokenized) skips steps 1-5: the ids are used exactly as
+// given - no template, no BOS/EOS added or removed, no pad masking, never
+// truncated. Labels default to every next token (Hugging Face labels =
+// input_ids); a given "labels" array is shifted as in step 6. Packing applies
+// as above. An example with no target (a single id, or labels[1:] all -100) is
+// dropped like in step 5. A line longer than max_seq_length, or with an id
+// (or label other than -100) outside [0, tok.vocab_size()), is a DataError
+// naming the first such line and the count: both mean the file was made for
+// another setting, so skipping lines would silently train on other data.
+//
 // DataError (exit code 5) when: the template is unknown/unrecognised, the
 // format cannot be detected, more than max_bad_line_fraction of the non-blank
 // lines are bad, or no example has a supervised token.

@@ -5,9 +5,12 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <set>
 #include <stdexcept>
 
+#include "worker/trainer/model/cuda_ops.h"
 #include "worker/trainer/model/llama_ops.h"
 #include "worker/trainer/model/safetensors.h"
 
@@ -22,6 +25,17 @@ struct Nf4Holder : torch::CustomClassHolder {
   nf4::Nf4Tensor weight;
 };
 
+// The dense copy of an NF4 weight for one matmul: the fused CUDA kernel on
+// bf16 CUDA weights (bit-identical to nf4::Dequantize), torch ops otherwise.
+// The buffer comes from the caching allocator and dies with the matmul, so
+// consecutive layers reuse the same block.
+torch::Tensor DequantizeForMatmul(const nf4::Nf4Tensor& w, torch::ScalarType dtype) {
+  if (dtype == torch::kBFloat16 && w.packed.is_cuda() && cuda_ops::Enabled()) {
+    return cuda_ops::Nf4DequantizeInto(w, torch::empty({w.numel}, w.packed.options().dtype(torch::kBFloat16)));
+  }
+  return nf4::Dequantize(w, dtype);
+}
+
 // y = x @ dequant(W)^T. Only the quantised weight is kept for backward, where
 // it is dequantised again: the full-precision copy lives only during each
 // matmul. W is frozen, so no weight gradient is computed.
@@ -30,14 +44,14 @@ class Nf4MatmulFunction : public torch::autograd::Function<Nf4MatmulFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, c10::intrusive_ptr<Nf4Holder> w) {
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
     ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    torch::Tensor dense = nf4::Dequantize(w->weight, x.scalar_type());
+    torch::Tensor dense = DequantizeForMatmul(w->weight, x.scalar_type());
     return x.matmul(dense.t());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     auto capsule = ctx->saved_data["w"].toCapsule();
     const auto& w = static_cast<Nf4Holder*>(capsule.get())->weight;
     const auto dtype = static_cast<torch::ScalarType>(ctx->saved_data["dtype"].toInt());
-    torch::Tensor dense = nf4::Dequantize(w, dtype);
+    torch::Tensor dense = DequantizeForMatmul(w, dtype);
     return {grad_out[0].matmul(dense), torch::Tensor()};
   }
 };
@@ -265,7 +279,7 @@ torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::T
   torch::Tensor r = x + layer.o_proj.Forward(a, training_);
   h = ops::RmsNorm(r, layer.post_attention_layernorm, eps);
   torch::Tensor mlp = layer.down_proj.Forward(
-      torch::silu(layer.gate_proj.Forward(h, training_)) * layer.up_proj.Forward(h, training_), training_);
+      cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_), layer.up_proj.Forward(h, training_)), training_);
   return r + mlp;
 }
 
@@ -305,6 +319,36 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     auto fn = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
       return LayerForward(*lp, x, cos, sin, seg);
     };
+    if (offload_ && h.is_cuda()) {
+      // The checkpoint saves its input; hand it a host copy and let the
+      // layer fetch it back. Both copies are ordered on the current stream.
+      torch::Tensor host =
+          torch::empty(h.sizes(), h.options().device(torch::kCPU).pinned_memory(true).requires_grad(false));
+      host.copy_(h, /*non_blocking=*/true);
+      // ops::Checkpoint replays the RNG of its input's device, the host here;
+      // LoRA dropout draws on `dev`, so its state is kept and replayed here.
+      auto rng = std::make_shared<torch::Tensor>();
+      auto fetch = [this, lp, cos = cos, sin = sin, seg, dev, rng](const torch::Tensor& x) {
+        at::Generator gen = at::globalContext().defaultGenerator(dev);
+        if (!torch::GradMode::is_enabled()) {  // the forward pass
+          std::lock_guard<std::mutex> lock(gen.mutex());
+          *rng = gen.get_state();
+          return LayerForward(*lp, x.to(dev, /*non_blocking=*/true), cos, sin, seg);
+        }
+        torch::Tensor caller;  // the recompute in backward
+        {
+          std::lock_guard<std::mutex> lock(gen.mutex());
+          caller = gen.get_state();
+          gen.set_state(*rng);
+        }
+        torch::Tensor out = LayerForward(*lp, x.to(dev, /*non_blocking=*/true), cos, sin, seg);
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(caller);
+        return out;
+      };
+      h = ops::Checkpoint(fetch, host, params);
+      continue;
+    }
     h = ops::Checkpoint(fn, h, params);
   }
   return ops::RmsNorm(h, norm_, config_.rms_norm_eps);

@@ -113,6 +113,11 @@ class LlamaForCausalLM : public torch::nn::Module {
   torch::Tensor Logits(const torch::Tensor& hidden);
   void SetGradientCheckpointing(bool on) { checkpointing_ = on; }
   bool gradient_checkpointing() const { return checkpointing_; }
+  // With checkpointing on a GPU: each checkpointed layer's input waits in
+  // pinned host memory (non-blocking copies) and comes back for the
+  // recompute in backward. On CPU the inputs are host memory already.
+  void SetActivationOffload(bool on) { offload_ = on; }
+  bool activation_offload() const { return offload_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
 
   // LoRA parameters in a fixed order (layer, then module in
@@ -144,6 +149,7 @@ class LlamaForCausalLM : public torch::nn::Module {
   std::vector<DecoderLayer> layers_;
   torch::Tensor inv_freq_;  // fp32 on device
   bool checkpointing_ = false;
+  bool offload_ = false;
   bool training_ = true;
 };
 

@@ -6,6 +6,8 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "worker/trainer/model/cuda_ops.h"
+
 namespace tune::model::ops {
 namespace {
 
@@ -174,6 +176,8 @@ std::pair<torch::Tensor, torch::Tensor> RopeCosSin(const torch::Tensor& inv_freq
 }
 
 torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  // CUDA bf16: the fused kernel (bit-identical to the ops below).
+  if (torch::Tensor fused = cuda_ops::TryApplyRope(x, cos, sin); fused.defined()) return fused;
   const int64_t half = x.size(-1) / 2;
   torch::Tensor x1 = x.slice(-1, 0, half), x2 = x.slice(-1, half);
   torch::Tensor rotated = torch::cat({-x2, x1}, -1);
@@ -181,6 +185,7 @@ torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const 
 }
 
 torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  if (torch::Tensor fused = cuda_ops::TryRmsNorm(x, weight, eps); fused.defined()) return fused;
   torch::Tensor xf = x.to(torch::kFloat32);
   torch::Tensor var = xf.pow(2).mean(-1, /*keepdim=*/true);
   xf = xf * torch::rsqrt(var + eps);
@@ -251,6 +256,10 @@ torch::Tensor ChunkedCrossEntropySum(const torch::Tensor& hidden, const torch::T
                                 ") and is not -100");
   }
   torch::Tensor hs = h2.index_select(0, rows);
+  // CUDA bf16 with a frozen head: fused GEMM + online logsumexp, bf16 logits only.
+  if (torch::Tensor fused = cuda_ops::TryLinearCrossEntropySum(hs, weight, ys, chunk_tokens); fused.defined()) {
+    return fused;
+  }
   return ChunkedCeFunction::apply(hs, weight, ys, chunk_tokens);
 }
 

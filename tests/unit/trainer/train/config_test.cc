@@ -45,6 +45,29 @@ TEST(ConfigTest, CpuAutoPrecisionFallsBackToFp32ExplicitBf16Honoured) {
   EXPECT_THROW(FromYaml("model: /m\ndataset: {path: /d.jsonl}\ntraining: {precision: fp16}\n"), ConfigError);
 }
 
+TEST(ConfigTest, Fp16IsAGpuModeWithLossScaling) {
+  try {
+    FromYaml("model: /m\ndataset: {path: /d.jsonl}\ntraining: {precision: fp16}\n");
+    FAIL() << "fp16 on CPU ranks must be refused";
+  } catch (const ConfigError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("training.precision"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("use bf16 or fp32"), std::string::npos) << msg;
+  }
+  auto gpu = FromYaml("model: /m\ndataset: {path: /d.jsonl}\ntraining: {precision: fp16}\nresources: {gpus: 1}\n");
+  EXPECT_EQ(gpu.compute_dtype, "fp16");
+  EXPECT_NE(gpu.precision_note.find("loss scaling"), std::string::npos);
+}
+
+TEST(ConfigTest, OffloadImpliesCheckpointing) {
+  auto off = FromYaml("model: /m\ndataset: {path: /d.jsonl}\ntraining: {gradient_checkpointing: offload}\n");
+  EXPECT_TRUE(off.gradient_checkpointing);
+  EXPECT_TRUE(off.activation_offload);
+  auto on = FromYaml("model: /m\ndataset: {path: /d.jsonl}\ntraining: {gradient_checkpointing: on}\n");
+  EXPECT_TRUE(on.gradient_checkpointing);
+  EXPECT_FALSE(on.activation_offload);
+}
+
 TEST(ConfigTest, OutputPathsDerived) {
   auto cfg = FromYaml("name: j1\nmodel: /m\ndataset: {path: /d.jsonl}\noutput: {dir: /tmp/out1}\n");
   EXPECT_EQ(cfg.output_dir, "/tmp/out1");

@@ -72,6 +72,9 @@ TEST(ConfigTest, ErrorsNameTheFlag) {
       {[](Config& c) { c.cancel_grace_s = -1; }, "--cancel-grace"},
       {[](Config& c) { c.log_level = "loud"; }, "--log-level"},
       {[](Config& c) { c.work_dir = ""; }, "--work-dir"},
+      {[](Config& c) { c.metrics_listen = "9091"; }, "--metrics-listen"},
+      {[](Config& c) { c.metrics_listen = "0.0.0.0:0"; }, "--metrics-listen"},
+      {[](Config& c) { c.metrics_listen = ":9091"; }, "--metrics-listen"},
   };
   for (const Case& tc : cases) {
     Config c = ValidBase();
@@ -83,6 +86,9 @@ TEST(ConfigTest, ErrorsNameTheFlag) {
   Config v6 = ValidBase();
   v6.server = "[::1]:7070";
   EXPECT_TRUE(v6.Validate().ok());
+  Config metrics = ValidBase();
+  metrics.metrics_listen = "0.0.0.0:9091";
+  EXPECT_TRUE(metrics.Validate().ok());
 }
 
 TEST(ConfigTest, DefaultTrainerIsNextToTheBinary) {
@@ -145,6 +151,20 @@ TEST(ConfigTest, EnvOverridesTheConfigFile) {
   unsetenv("TUNE_WORKER_NAME");
   std::remove(file.c_str());
   EXPECT_EQ(c.name, "from-env");
+}
+
+// The worker's own flag name in the environment: TUNE_METRICS_LISTEN belongs
+// to tune-server, and both read the same tunefleet.env under systemd.
+TEST(ConfigTest, MetricsListenFromFileEnvAndFlag) {
+  const std::string file = "/tmp/tune-worker-config-test-metrics.yaml";
+  std::ofstream(file) << "metrics-listen: 127.0.0.1:9001\n";
+  EXPECT_EQ(ParseArgs({"--config", file}).metrics_listen, "127.0.0.1:9001");
+  setenv("TUNE_WORKER_METRICS_LISTEN", "127.0.0.1:9002", 1);
+  EXPECT_EQ(ParseArgs({"--config", file}).metrics_listen, "127.0.0.1:9002");
+  EXPECT_EQ(ParseArgs({"--config", file, "--metrics-listen", "127.0.0.1:9003"}).metrics_listen,
+            "127.0.0.1:9003");
+  unsetenv("TUNE_WORKER_METRICS_LISTEN");
+  std::remove(file.c_str());
 }
 
 }  // namespace

@@ -43,6 +43,8 @@ TEST(ParseNvidiaSmiCsvTest, NotAvailableFieldsAndOddSpacing) {
   EXPECT_EQ((*gpus)[1].index, 2);
   EXPECT_EQ((*gpus)[1].name, "NVIDIA A100-SXM4-80GB");
   EXPECT_EQ((*gpus)[1].memory_used_bytes, 0);
+  EXPECT_FALSE((*gpus)[1].memory_used_known);  // "[N/A]" is not a reading of 0
+  EXPECT_TRUE((*gpus)[0].memory_used_known);
   EXPECT_EQ((*gpus)[1].utilization_percent, -1);
 }
 
@@ -162,12 +164,28 @@ TEST_F(FakeSmiTest, InventorySamplesOfferedGpusOnly) {
   ASSERT_EQ(sample.size(), 1u);
   EXPECT_EQ(sample[0].index, 1);
   EXPECT_EQ(sample[0].memory_used_bytes, 200 * kMiB);
+  EXPECT_TRUE(sample[0].memory_used_known);
   EXPECT_EQ(sample[0].utilization_percent, 20);
 
   GpuSampler sampler(&inventory, absl::Milliseconds(10));
   auto latest = sampler.Latest();
   ASSERT_EQ(latest.size(), 1u);
   EXPECT_EQ(latest[0].index, 1);
+}
+
+TEST_F(FakeSmiTest, FailedSampleKeepsTotalsWithUsageUnknown) {
+  GpuReading offered;
+  offered.index = 0;
+  offered.memory_total_bytes = 2048 * kMiB;
+  offered.memory_used_bytes = 5;
+  offered.utilization_percent = 7;
+  GpuInventory inventory(MakeNvidiaSmiProbe(Script("exit 9\n")), {offered});
+  auto sample = inventory.Sample();
+  ASSERT_EQ(sample.size(), 1u);
+  EXPECT_EQ(sample[0].memory_total_bytes, 2048 * kMiB);
+  EXPECT_FALSE(sample[0].memory_used_known);
+  EXPECT_EQ(sample[0].memory_used_bytes, 0);
+  EXPECT_EQ(sample[0].utilization_percent, -1);
 }
 
 TEST(GpuInventoryTest, NoneSelectionOffersNothing) {

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
@@ -91,6 +92,15 @@ class RankLauncherTest : public ::testing::Test {
     return a;
   }
   std::string OutputDir(const std::string& job) const { return root_ + "/out/" + job; }
+
+  // Polls CurrentUsage() until `pred` holds (true) or 20 s pass (false).
+  bool WaitUntilUsage(const std::function<bool(const RankLauncher::Usage&)>& pred) {
+    for (absl::Time end = absl::Now() + absl::Seconds(20); absl::Now() < end;) {
+      if (pred(launcher_->CurrentUsage())) return true;
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return false;
+  }
 
   // Waits for the attempt's `exited` (via the exit callback).
   ExitSummary WaitExit(const std::string& job, absl::Duration timeout = absl::Seconds(20)) {
@@ -278,6 +288,31 @@ TEST_F(RankLauncherTest, CancelSendsSigtermAndEndsCancelled) {
   EXPECT_EQ(s.reason, "CANCELLED");
   EXPECT_EQ(ExitedPayload("job-c")["exit_codes"],
             json::array({128 + SIGTERM, 128 + SIGTERM}));
+}
+
+TEST_F(RankLauncherTest, CurrentUsageCountsDevicesAndRanksOfRunningAttempts) {
+  MakeLauncher();
+  EXPECT_EQ(launcher_->CurrentUsage().ranks, 0);
+  ASSERT_TRUE(launcher_->Launch(CpuAssignment("job-u-cpu", 2, "all: sleep\n")).ok());
+  v1::Assignment gpu = CpuAssignment("job-u-gpu", 0, "all: sleep\n");
+  gpu.add_gpus(1);
+  gpu.add_gpus(3);
+  gpu.add_gpus(0);
+  ASSERT_TRUE(launcher_->Launch(gpu).ok());
+  RankLauncher::Usage u = launcher_->CurrentUsage();
+  EXPECT_EQ(u.gpus, 3);
+  EXPECT_EQ(u.cpu_slots, 2);
+  EXPECT_EQ(u.ranks, 5);
+  EXPECT_TRUE(launcher_->Cancel({"job-u-gpu", 1}, absl::Seconds(5)));
+  WaitExit("job-u-gpu");
+  ASSERT_TRUE(WaitUntilUsage([&](const RankLauncher::Usage& now) { return now.gpus == 0; }));
+  u = launcher_->CurrentUsage();
+  EXPECT_EQ(u.cpu_slots, 2);
+  EXPECT_EQ(u.ranks, 2);
+  EXPECT_TRUE(launcher_->Cancel({"job-u-cpu", 1}, absl::Seconds(5)));
+  ASSERT_TRUE(launcher_->WaitIdle(absl::Now() + absl::Seconds(20)));
+  u = launcher_->CurrentUsage();
+  EXPECT_EQ(u.gpus + u.cpu_slots + u.ranks, 0);
 }
 
 TEST_F(RankLauncherTest, CancelOfRanksIgnoringSigtermKillsAfterGrace) {

@@ -1,0 +1,488 @@
+// Every CUDA kernel against its CPU reference on odd sizes, strided and
+// unaligned inputs, with a tolerance stated per kernel; then one Llama-3-8B
+// shaped case per kernel, timed, with the achieved bandwidth or FLOP/s printed
+// against the H200's ceilings (4.3 TB/s, 790 TFLOP/s bf16 dense). Exits 77
+// (skipped) without a CUDA device.
+#include <cuda_runtime.h>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/reference/reference.h"
+#include "tune/kernels/linear_cross_entropy.h"
+#include "tune/kernels/nf4.h"
+#include "tune/kernels/rmsnorm.h"
+#include "tune/kernels/rope.h"
+#include "tune/kernels/swiglu.h"
+
+namespace tune::kernels {
+namespace {
+
+using ref::Bf16ToFloat;
+using ref::FloatToBf16;
+
+constexpr double kPeakBytesPerS = 4.3e12;
+constexpr double kPeakFlops = 790e12;
+
+#define ASSERT_CUDA(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(expr)
+#define ASSERT_KOK(expr)                                                  \
+  do {                                                                    \
+    const Status s_ = (expr);                                             \
+    ASSERT_TRUE(s_.ok()) << StatusCodeName(s_.code) << ": " << s_.message; \
+  } while (0)
+
+// A device buffer of T (freed on scope exit).
+template <typename T>
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    if (cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)) != cudaSuccess) p_ = nullptr;
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { Upload(host); }
+  ~DeviceBuffer() { cudaFree(p_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  T* get() const { return p_; }
+  void Upload(const std::vector<T>& host) { cudaMemcpy(p_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice); }
+  std::vector<T> Download() const {
+    std::vector<T> out(n_);
+    cudaMemcpy(out.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost);
+    return out;
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_;
+};
+
+std::vector<uint16_t> RandomBf16(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<uint16_t> out(n);
+  for (auto& v : out) v = FloatToBf16(dist(gen));
+  return out;
+}
+
+// One bf16 ulp at |v| (the spacing of bf16 values around v).
+double Ulp(double v) {
+  const double a = std::max(std::abs(v), 1e-30);
+  return std::ldexp(1.0, static_cast<int>(std::floor(std::log2(a))) - 7);
+}
+
+// Compares bf16 buffers element-wise at the given positions: |got - want| <=
+// ulps * ulp(want) + abs_tol. Reports the first mismatches.
+void ExpectBf16Near(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
+                    const std::vector<int64_t>& positions, double ulps, double abs_tol, const std::string& what) {
+  int bad = 0;
+  for (int64_t i : positions) {
+    const double g = Bf16ToFloat(got[i]), w = Bf16ToFloat(want[i]);
+    if (std::isnan(w) && std::isnan(g)) continue;
+    if (!(std::abs(g - w) <= ulps * Ulp(w) + abs_tol)) {
+      if (++bad <= 5) ADD_FAILURE() << what << " at " << i << ": got " << g << " want " << w;
+    }
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << positions.size() << " out of tolerance";
+}
+
+std::vector<int64_t> RowPositions(int64_t rows, int64_t cols, int64_t stride, int64_t offset = 0) {
+  std::vector<int64_t> out;
+  out.reserve(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) out.push_back(offset + r * stride + c);
+  }
+  return out;
+}
+
+// Mean milliseconds of fn over `iters` runs after 3 warm-up runs.
+double TimeMs(const std::function<void()>& fn, int iters = 10) {
+  for (int i = 0; i < 3; ++i) fn();
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  cudaEventRecord(a);
+  for (int i = 0; i < iters; ++i) fn();
+  cudaEventRecord(b);
+  cudaEventSynchronize(b);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ms / iters;
+}
+
+void ReportBandwidth(const char* what, double bytes, double ms) {
+  const double bps = bytes / (ms * 1e-3);
+  std::printf("[perf] %-48s %8.3f ms  %7.1f GB/s  (%.0f%% of 4.3 TB/s)\n", what, ms, bps / 1e9,
+              100.0 * bps / kPeakBytesPerS);
+  std::fflush(stdout);
+}
+
+void ReportFlops(const char* what, double flops, double ms) {
+  const double fps = flops / (ms * 1e-3);
+  std::printf("[perf] %-48s %8.3f ms  %7.1f TFLOP/s  (%.0f%% of 790 TFLOP/s)\n", what, ms, fps / 1e12,
+              100.0 * fps / kPeakFlops);
+  std::fflush(stdout);
+}
+
+// ----------------------------------------------------------------------- NF4
+
+struct Nf4Case {
+  int64_t numel, block_size;
+  bool double_quant;
+  int64_t out_offset;  // elements; 1 makes the output unaligned
+};
+
+void RunNf4(const Nf4Case& c) {
+  SCOPED_TRACE("numel " + std::to_string(c.numel) + " block " + std::to_string(c.block_size) + " dq " +
+               std::to_string(c.double_quant) + " offset " + std::to_string(c.out_offset));
+  const int64_t nb = (c.numel + c.block_size - 1) / c.block_size;
+  std::mt19937 gen(static_cast<uint32_t>(c.numel * 7 + c.block_size));
+  std::vector<uint8_t> packed(nb * c.block_size / 2);
+  for (auto& b : packed) b = static_cast<uint8_t>(gen() & 0xff);
+  std::uniform_real_distribution<float> pos(0.001f, 0.2f);
+  std::vector<float> absmax(nb), scale((nb + 255) / 256), offset = {0.05f};
+  std::vector<uint8_t> aq(nb);
+  for (auto& v : absmax) v = pos(gen);
+  for (auto& v : scale) v = pos(gen);
+  for (auto& v : aq) v = static_cast<uint8_t>(gen() & 0xff);
+  const auto map_arr = ref::Nf4DynamicMap();
+  const std::vector<float> map(map_arr.begin(), map_arr.end());
+
+  DeviceBuffer<uint8_t> d_packed(packed), d_aq(aq);
+  DeviceBuffer<float> d_absmax(absmax), d_scale(scale), d_offset(offset), d_map(map);
+  DeviceBuffer<uint16_t> d_out(c.numel + c.out_offset);
+  Nf4View q, hq;
+  q.numel = hq.numel = c.numel;
+  q.block_size = hq.block_size = c.block_size;
+  q.packed = d_packed.get();
+  hq.packed = packed.data();
+  if (c.double_quant) {
+    q.absmax_q = d_aq.get(), q.absmax_scale = d_scale.get(), q.absmax_offset = d_offset.get(),
+    q.dynamic_map = d_map.get();
+    hq.absmax_q = aq.data(), hq.absmax_scale = scale.data(), hq.absmax_offset = offset.data(),
+    hq.dynamic_map = map.data();
+  } else {
+    q.absmax = d_absmax.get();
+    hq.absmax = absmax.data();
+  }
+  ASSERT_KOK(Nf4DequantizeBf16(q, d_out.get() + c.out_offset, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<uint16_t> want(c.numel);
+  ASSERT_KOK(ref::Nf4DequantizeBf16(hq, want.data()));
+  const std::vector<uint16_t> got_all = d_out.Download();
+  // Bit-identical (tolerance 0): the same fp32 roundings, then round-to-nearest-even.
+  int bad = 0;
+  for (int64_t i = 0; i < c.numel; ++i) {
+    if (got_all[c.out_offset + i] != want[i] && ++bad <= 5) {
+      ADD_FAILURE() << "element " << i << ": got 0x" << std::hex << got_all[c.out_offset + i] << " want 0x" << want[i];
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+TEST(KernelsGpuTest, Nf4DequantIsBitIdenticalToReference) {
+  for (bool dq : {true, false}) {
+    RunNf4({1, 64, dq, 0});
+    RunNf4({1000, 64, dq, 0});     // partial last block
+    RunNf4({4097 * 3, 64, dq, 1});  // unaligned output: per-element path
+    RunNf4({64 * 300 + 32, 64, dq, 0});
+    RunNf4({999, 2, dq, 0});       // tiny blocks: many double-quant blocks
+    RunNf4({5000, 48, dq, 0});     // block % 16 == 0 but not a power of two
+    RunNf4({5003, 30, dq, 0});     // block % 16 != 0
+  }
+}
+
+TEST(KernelsGpuTest, Nf4DequantPerf) {
+  const int64_t rows = 4096, cols = 14336, numel = rows * cols, nb = numel / 64;
+  DeviceBuffer<uint8_t> packed(numel / 2), aq(nb);
+  DeviceBuffer<float> scale((nb + 255) / 256), offset(1), map(256);
+  DeviceBuffer<uint16_t> out(numel);
+  cudaMemset(packed.get(), 0x5a, numel / 2);
+  cudaMemset(aq.get(), 0x80, nb);
+  cudaMemset(scale.get(), 0, (nb + 255) / 256 * 4);
+  cudaMemset(offset.get(), 0, 4);
+  cudaMemset(map.get(), 0, 256 * 4);
+  Nf4View q;
+  q.packed = packed.get(), q.numel = numel, q.block_size = 64, q.absmax_q = aq.get(), q.absmax_scale = scale.get(),
+  q.absmax_offset = offset.get(), q.dynamic_map = map.get();
+  ASSERT_KOK(Nf4DequantizeBf16(q, out.get(), nullptr));
+  const double ms = TimeMs([&] { Nf4DequantizeBf16(q, out.get(), nullptr); });
+  ASSERT_CUDA(cudaGetLastError());
+  ReportBandwidth("nf4 dequant 4096x14336 (double quant) -> bf16", numel / 2.0 + numel * 2.0 + nb, ms);
+}
+
+// ------------------------------------------------------------------- RMSNorm
+
+void RunRmsNorm(int64_t rows, int64_t hidden, int64_t stride, bool with_dweight) {
+  SCOPED_TRACE("rows " + std::to_string(rows) + " hidden " + std::to_string(hidden) + " stride " +
+               std::to_string(stride));
+  const RmsNormShape shape{rows, hidden, 1e-5f};
+  const auto x = RandomBf16(rows * stride, 11, 3.0f), w = RandomBf16(hidden, 12), dy = RandomBf16(rows * stride, 13);
+  DeviceBuffer<uint16_t> d_x(x), d_w(w), d_dy(dy), d_y(rows * stride), d_dx(rows * stride);
+  DeviceBuffer<float> d_rstd(rows), d_dw(hidden);
+  cudaMemset(d_dw.get(), 0, hidden * sizeof(float));
+  ASSERT_KOK(RmsNormForward(shape, d_x.get(), stride, d_w.get(), d_y.get(), stride, d_rstd.get(), nullptr));
+  ASSERT_KOK(RmsNormBackward(shape, d_x.get(), stride, d_w.get(), d_rstd.get(), d_dy.get(), stride, d_dx.get(),
+                             stride, with_dweight ? d_dw.get() : nullptr, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<uint16_t> y(rows * stride), dx(rows * stride);
+  std::vector<float> rstd(rows), dw(hidden, 0.0f);
+  ASSERT_KOK(ref::RmsNormForward(shape, x.data(), stride, w.data(), y.data(), stride, rstd.data()));
+  ASSERT_KOK(ref::RmsNormBackward(shape, x.data(), stride, w.data(), rstd.data(), dy.data(), stride, dx.data(),
+                                  stride, dw.data()));
+  const auto pos = RowPositions(rows, hidden, stride);
+  const auto got_rstd = d_rstd.Download();
+  for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(got_rstd[r], rstd[r], rstd[r] * 1e-5) << r;
+  // y: fp32 sums in another order move rstd by ~1e-7; at most one bf16 rounding flips (1 ulp per rounding, 2 roundings).
+  ExpectBf16Near(d_y.Download(), y, pos, 2.0, 0.0, "rmsnorm y");
+  // dx: fp32 vs double accumulation of sum(gn * x); 1 ulp plus 1e-3 of the row's scale.
+  ExpectBf16Near(d_dx.Download(), dx, pos, 1.0, 2e-3, "rmsnorm dx");
+  if (with_dweight) {
+    const auto got = d_dw.Download();
+    for (int64_t j = 0; j < hidden; ++j) EXPECT_NEAR(got[j], dw[j], 1e-4 * rows + 1e-3 * std::abs(dw[j])) << j;
+  }
+}
+
+TEST(KernelsGpuTest, RmsNormMatchesReference) {
+  for (int64_t rows : {1, 3, 127}) {
+    for (int64_t hidden : {4095, 4097, 1000, 4096}) RunRmsNorm(rows, hidden, hidden, rows == 3);
+  }
+  RunRmsNorm(5, 1000, 1003, true);  // strided rows (scalar path)
+  RunRmsNorm(5, 1024, 1032, false);  // strided, 16-byte aligned rows (vector path)
+}
+
+TEST(KernelsGpuTest, RmsNormPerf) {
+  const int64_t rows = 16384, hidden = 4096;
+  DeviceBuffer<uint16_t> x(RandomBf16(rows * hidden, 1)), w(RandomBf16(hidden, 2)), y(rows * hidden),
+      dx(rows * hidden);
+  DeviceBuffer<float> rstd(rows);
+  const RmsNormShape shape{rows, hidden, 1e-5f};
+  ASSERT_KOK(RmsNormForward(shape, x.get(), hidden, w.get(), y.get(), hidden, rstd.get(), nullptr));
+  const double fwd = TimeMs([&] { RmsNormForward(shape, x.get(), hidden, w.get(), y.get(), hidden, rstd.get(), nullptr); });
+  ReportBandwidth("rmsnorm fwd 16384x4096", 2.0 * rows * hidden * 2, fwd);
+  const double bwd = TimeMs([&] {
+    RmsNormBackward(shape, x.get(), hidden, w.get(), rstd.get(), y.get(), hidden, dx.get(), hidden, nullptr, nullptr);
+  });
+  ReportBandwidth("rmsnorm bwd 16384x4096 (no dweight)", 3.0 * rows * hidden * 2, bwd);
+  ASSERT_CUDA(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------- RoPE
+
+void RunRope(int64_t B, int64_t T, int64_t H, int64_t D, bool transposed, bool use_pos, bool in_place) {
+  SCOPED_TRACE("B" + std::to_string(B) + " T" + std::to_string(T) + " H" + std::to_string(H) + " D" +
+               std::to_string(D) + (transposed ? " [B,H,T,D] storage" : "") + (use_pos ? " position ids" : "") +
+               (in_place ? " in place" : ""));
+  const int64_t n = B * T * H * D;
+  // transposed: the trainer's q/k, stored [B,H,T,D] and addressed as [B,T,H,D].
+  RopeTensor layout = transposed ? RopeTensor{nullptr, H * T * D, D, T * D} : RopeTensor{nullptr, T * H * D, H * D, D};
+  const int64_t P = T + 3;
+  std::vector<uint16_t> c(B * P * D), s(B * P * D);
+  std::mt19937 gen(static_cast<uint32_t>(n));
+  std::uniform_real_distribution<float> ang(-3.2f, 3.2f);
+  for (size_t i = 0; i < c.size(); ++i) {
+    const float a = ang(gen);
+    c[i] = FloatToBf16(std::cos(a));
+    s[i] = FloatToBf16(std::sin(a));
+  }
+  std::vector<int64_t> pos(B * T);
+  for (auto& p : pos) p = static_cast<int64_t>(gen() % P);
+  const auto x = RandomBf16(n, 21), g = RandomBf16(n, 22);
+  DeviceBuffer<uint16_t> d_x(x), d_g(g), d_out(n), d_dx(n), d_c(c), d_s(s);
+  DeviceBuffer<int64_t> d_pos(pos);
+  RopeTables ht{c.data(), s.data(), P * D, D, nullptr, 0}, dt{d_c.get(), d_s.get(), P * D, D, nullptr, 0};
+  if (use_pos) {
+    ht = {c.data(), s.data(), 0, D, pos.data(), P};
+    dt = {d_c.get(), d_s.get(), 0, D, d_pos.get(), P};
+  }
+  const RopeShape shape{B, T, H, D};
+  auto with = [&](uint16_t* p) { RopeTensor t = layout; t.data = p; return t; };
+  RopeTensor dx_in = with(d_x.get()), dx_out = with(in_place ? d_x.get() : d_out.get());
+  RopeTensor dg_in = with(d_g.get()), dg_out = with(in_place ? d_g.get() : d_dx.get());
+  ASSERT_KOK(RopeForward(shape, dx_in, dx_out, dt, nullptr));
+  ASSERT_KOK(RopeBackward(shape, dg_in, dg_out, dt, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<uint16_t> hx = x, hg = g, out(n), dx(n);
+  ASSERT_KOK(ref::RopeForward(shape, with(hx.data()), with(out.data()), ht));
+  ASSERT_KOK(ref::RopeBackward(shape, with(hg.data()), with(dx.data()), ht));
+  std::vector<int64_t> all(n);
+  for (int64_t i = 0; i < n; ++i) all[i] = i;
+  // Bit-identical: the same bf16-rounded products and sums as torch's ApplyRope.
+  ExpectBf16Near((in_place ? d_x : d_out).Download(), out, all, 0.0, 0.0, "rope forward");
+  ExpectBf16Near((in_place ? d_g : d_dx).Download(), dx, all, 0.0, 0.0, "rope backward");
+}
+
+TEST(KernelsGpuTest, RopeMatchesReferenceBitForBit) {
+  RunRope(2, 5, 3, 128, /*transposed=*/true, /*use_pos=*/false, /*in_place=*/false);
+  RunRope(2, 5, 3, 128, true, false, true);
+  RunRope(1, 7, 5, 128, false, true, true);
+  RunRope(3, 1, 1, 6, false, false, false);  // head dim 6: scalar path
+  RunRope(2, 127, 3, 64, true, true, false);
+  RunRope(1, 3, 2, 24, true, false, true);  // half 12: not a multiple of 8
+}
+
+TEST(KernelsGpuTest, RopePerf) {
+  const int64_t B = 8, T = 2048, H = 32, D = 128, n = B * T * H * D;
+  DeviceBuffer<uint16_t> x(RandomBf16(n, 1)), c(RandomBf16(T * D, 2)), s(RandomBf16(T * D, 3));
+  const RopeShape shape{B, T, H, D};
+  const RopeTensor t{x.get(), T * H * D, H * D, D};
+  const RopeTables tables{c.get(), s.get(), 0, D, nullptr, 0};
+  ASSERT_KOK(RopeForward(shape, t, t, tables, nullptr));
+  const double ms = TimeMs([&] { RopeForward(shape, t, t, tables, nullptr); });
+  ReportBandwidth("rope fwd in place 8x2048x32x128", 2.0 * n * 2, ms);
+  const double bms = TimeMs([&] { RopeBackward(shape, t, t, tables, nullptr); });
+  ReportBandwidth("rope bwd in place 8x2048x32x128", 2.0 * n * 2, bms);
+  ASSERT_CUDA(cudaGetLastError());
+}
+
+// -------------------------------------------------------------------- SwiGLU
+
+void RunSwiGlu(int64_t rows, int64_t cols, int64_t pad) {
+  SCOPED_TRACE("rows " + std::to_string(rows) + " cols " + std::to_string(cols) + " pad " + std::to_string(pad));
+  // gate and up are the two halves of one fused [rows, 2*cols + pad] output.
+  const int64_t fs = 2 * cols + pad;
+  const auto fused = RandomBf16(rows * fs, 31, 2.0f), dh = RandomBf16(rows * cols, 32);
+  DeviceBuffer<uint16_t> d_fused(fused), d_dh(dh), d_h(rows * cols), d_dfused(rows * fs);
+  const SwiGluShape shape{rows, cols};
+  ASSERT_KOK(SwiGluForward(shape, d_fused.get(), fs, d_fused.get() + cols, fs, d_h.get(), cols, nullptr));
+  ASSERT_KOK(SwiGluBackward(shape, d_fused.get(), fs, d_fused.get() + cols, fs, d_dh.get(), cols, d_dfused.get(), fs,
+                            d_dfused.get() + cols, fs, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<uint16_t> h(rows * cols), dfused(rows * fs);
+  ASSERT_KOK(ref::SwiGluForward(shape, fused.data(), fs, fused.data() + cols, fs, h.data(), cols));
+  ASSERT_KOK(ref::SwiGluBackward(shape, fused.data(), fs, fused.data() + cols, fs, dh.data(), cols, dfused.data(), fs,
+                                 dfused.data() + cols, fs));
+  // expf (device) vs std::exp (host) may differ by an fp32 ulp, which can flip
+  // the bf16 rounding of silu and then of the product: 2 bf16 ulps.
+  ExpectBf16Near(d_h.Download(), h, RowPositions(rows, cols, cols), 2.0, 1e-6, "swiglu h");
+  const auto got = d_dfused.Download();
+  ExpectBf16Near(got, dfused, RowPositions(rows, cols, fs), 2.0, 1e-6, "swiglu dgate");
+  ExpectBf16Near(got, dfused, RowPositions(rows, cols, fs, cols), 2.0, 1e-6, "swiglu dup");
+}
+
+TEST(KernelsGpuTest, SwiGluMatchesReference) {
+  for (int64_t rows : {1, 3, 127}) {
+    for (int64_t cols : {1000, 4097, 1024}) RunSwiGlu(rows, cols, 0);
+  }
+  RunSwiGlu(5, 1024, 8);  // padded fused rows, still aligned
+  RunSwiGlu(5, 1024, 3);  // padded, unaligned
+}
+
+TEST(KernelsGpuTest, SwiGluPerf) {
+  const int64_t rows = 16384, cols = 14336;
+  DeviceBuffer<uint16_t> fused(RandomBf16(rows * 2 * cols, 1)), h(rows * cols);
+  const SwiGluShape shape{rows, cols};
+  auto fwd = [&] { SwiGluForward(shape, fused.get(), 2 * cols, fused.get() + cols, 2 * cols, h.get(), cols, nullptr); };
+  ASSERT_KOK(SwiGluForward(shape, fused.get(), 2 * cols, fused.get() + cols, 2 * cols, h.get(), cols, nullptr));
+  ReportBandwidth("swiglu fwd 16384x14336 (fused gate/up input)", 3.0 * rows * cols * 2, TimeMs(fwd));
+  // Backward in place: dgate/dup overwrite gate/up.
+  auto bwd = [&] {
+    SwiGluBackward(shape, fused.get(), 2 * cols, fused.get() + cols, 2 * cols, h.get(), cols, fused.get(), 2 * cols,
+                   fused.get() + cols, 2 * cols, nullptr);
+  };
+  ReportBandwidth("swiglu bwd 16384x14336 (in place)", 5.0 * rows * cols * 2, TimeMs(bwd));
+  ASSERT_CUDA(cudaGetLastError());
+}
+
+// ------------------------------------------------------ linear + cross-entropy
+
+void RunLinearCe(int64_t rows, int64_t hidden, int64_t vocab, int64_t chunk) {
+  SCOPED_TRACE("rows " + std::to_string(rows) + " hidden " + std::to_string(hidden) + " vocab " +
+               std::to_string(vocab) + " chunk " + std::to_string(chunk));
+  const auto h = RandomBf16(rows * hidden, 41);
+  const auto w = RandomBf16(vocab * hidden, 42, 1.0f / std::sqrt(static_cast<float>(hidden)));
+  std::vector<int64_t> labels(rows);
+  std::mt19937 gen(43);
+  for (int64_t r = 0; r < rows; ++r) labels[r] = (r % 5 == 4) ? kIgnoreIndex : static_cast<int64_t>(gen() % vocab);
+  const std::vector<float> scale = {0.37f};
+  DeviceBuffer<uint16_t> d_h(h), d_w(w), d_logits(chunk * vocab), d_dh(rows * hidden);
+  DeviceBuffer<int64_t> d_labels(labels);
+  DeviceBuffer<float> d_lse(rows), d_loss(rows), d_sum(1), d_scale(scale);
+  LinearCrossEntropyArgs a;
+  a.hidden = d_h.get(), a.hidden_stride = hidden, a.weight = d_w.get(), a.weight_stride = hidden;
+  a.labels = d_labels.get(), a.rows = rows, a.hidden_dim = hidden, a.vocab = vocab;
+  a.logits_chunk = d_logits.get(), a.chunk_rows = chunk;
+  ASSERT_KOK(LinearCrossEntropyForward(a, d_lse.get(), d_loss.get(), d_sum.get(), nullptr));
+  ASSERT_KOK(LinearCrossEntropyBackward(a, d_lse.get(), d_scale.get(), d_dh.get(), hidden, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  LinearCrossEntropyArgs ha = a;
+  ha.hidden = h.data(), ha.weight = w.data(), ha.labels = labels.data(), ha.logits_chunk = nullptr;
+  std::vector<float> lse(rows), loss(rows);
+  float sum = 0;
+  std::vector<uint16_t> dh(rows * hidden);
+  ASSERT_KOK(ref::LinearCrossEntropyForward(ha, lse.data(), loss.data(), &sum));
+  ASSERT_KOK(ref::LinearCrossEntropyBackward(ha, lse.data(), scale.data(), dh.data(), hidden));
+  // cuBLAS's fp32 accumulation order vs the reference's double sums can flip a
+  // logit's bf16 rounding (1 ulp, ~4e-3 relative): the lse moves by far less,
+  // the target logit by at most that ulp.
+  const auto got_lse = d_lse.Download(), got_loss = d_loss.Download();
+  for (int64_t r = 0; r < rows; ++r) {
+    EXPECT_NEAR(got_lse[r], lse[r], 2e-3 * std::max(1.0f, std::abs(lse[r]))) << r;
+    EXPECT_NEAR(got_loss[r], loss[r], 2e-2 + 4e-3 * std::abs(loss[r])) << r;
+    if (labels[r] == kIgnoreIndex) {
+      EXPECT_EQ(got_loss[r], 0.0f);
+    }
+  }
+  EXPECT_NEAR(d_sum.Download()[0], sum, 2e-2 * std::sqrt(static_cast<double>(rows)) + 1e-3 * std::abs(sum));
+  // dhidden: a sum over the vocab of bf16 dlogits times weights; tolerance 1
+  // ulp plus 2% of the largest gradient magnitude.
+  double max_ref = 0;
+  for (uint16_t v : dh) max_ref = std::max(max_ref, std::abs(static_cast<double>(Bf16ToFloat(v))));
+  const auto got_dh = d_dh.Download();
+  ExpectBf16Near(got_dh, dh, RowPositions(rows, hidden, hidden), 1.0, 2e-2 * max_ref, "linear ce dhidden");
+  for (int64_t r = 0; r < rows; ++r) {
+    if (labels[r] != kIgnoreIndex) continue;
+    for (int64_t k = 0; k < hidden; ++k) ASSERT_EQ(Bf16ToFloat(got_dh[r * hidden + k]), 0.0f) << r;
+  }
+}
+
+TEST(KernelsGpuTest, LinearCrossEntropyMatchesReference) {
+  RunLinearCe(127, 1000, 1003, 50);  // odd sizes, chunk not dividing rows, ignored rows
+  RunLinearCe(1, 64, 1003, 8);
+  RunLinearCe(9, 4096, 128256, 4);   // the Llama-3 vocabulary
+  RunLinearCe(3, 4095, 128256, 3);
+}
+
+TEST(KernelsGpuTest, LinearCrossEntropyPerf) {
+  const int64_t rows = 16384, hidden = 4096, vocab = 128256, chunk = 4096;
+  DeviceBuffer<uint16_t> h(RandomBf16(rows * hidden, 1)), w(RandomBf16(vocab * hidden, 2, 0.015f)),
+      logits(chunk * vocab), dh(rows * hidden);
+  std::vector<int64_t> labels(rows);
+  for (int64_t r = 0; r < rows; ++r) labels[r] = (r * 7919) % vocab;
+  DeviceBuffer<int64_t> d_labels(labels);
+  DeviceBuffer<float> lse(rows), loss(rows), sum(1), scale(std::vector<float>{1.0f / rows});
+  LinearCrossEntropyArgs a;
+  a.hidden = h.get(), a.hidden_stride = hidden, a.weight = w.get(), a.weight_stride = hidden;
+  a.labels = d_labels.get(), a.rows = rows, a.hidden_dim = hidden, a.vocab = vocab;
+  a.logits_chunk = logits.get(), a.chunk_rows = chunk;
+  ASSERT_KOK(LinearCrossEntropyForward(a, lse.get(), loss.get(), sum.get(), nullptr));
+  const double flops = 2.0 * rows * hidden * vocab;
+  const double fwd = TimeMs([&] { LinearCrossEntropyForward(a, lse.get(), loss.get(), sum.get(), nullptr); }, 5);
+  ReportFlops("linear+CE fwd 16384x4096 @ 128256 (chunk 4096)", flops, fwd);
+  const double bwd = TimeMs([&] { LinearCrossEntropyBackward(a, lse.get(), scale.get(), dh.get(), hidden, nullptr); }, 5);
+  ReportFlops("linear+CE bwd (recompute + dhidden GEMMs)", 2 * flops, bwd);
+  const float step0 = sum.Download()[0] / rows;
+  std::printf("[perf] linear+CE mean loss %.4f (ln 128256 = %.4f for near-uniform logits)\n", step0,
+              std::log(128256.0));
+  ASSERT_CUDA(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace tune::kernels
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: skipping the kernel GPU tests\n");
+    return 77;
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}

@@ -1,0 +1,291 @@
+// Memory planner against figures computed by hand for Llama-3-8B shapes
+// (hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128,
+// intermediate 14336, vocab 128256, untied lm_head). Every expected value
+// below is arithmetic written out in the test, not a copy of the planner's
+// output.
+#include "worker/trainer/plan/memory_plan.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace tune::plan {
+namespace {
+
+constexpr int64_t kGiB = int64_t{1} << 30;
+constexpr int64_t kMiB = int64_t{1} << 20;
+
+model::LlamaConfig Llama3_8B() {
+  model::LlamaConfig c;
+  c.vocab_size = 128256;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_hidden_layers = 32;
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 8;
+  c.head_dim = 128;
+  c.tie_word_embeddings = false;
+  return c;
+}
+
+// The typical job: seq 2048, effective batch 16, NF4 double quant block 64,
+// adamw_8bit, LoRA r=16 on all seven linears, bf16, SDPA (torch >= 2.5).
+PlanInputs Job8B(int64_t free_bytes) {
+  PlanInputs in;
+  in.model = Llama3_8B();
+  in.seq_len = 2048;
+  in.effective_batch_size = 16;
+  in.free_bytes = free_bytes;
+  return in;
+}
+
+// A card of `gib` GiB as `tune-train plan --gpu-memory-gb` sees it.
+int64_t Card(int64_t gib) { return gib * kGiB - kCudaContextBytes; }
+
+// Linear elements per layer: q, o 4096x4096; k, v 1024x4096; gate, up, down 14336x4096.
+constexpr int64_t kLinearPerLayer = 2 * 4096LL * 4096 + 2 * 1024LL * 4096 + 3 * 14336LL * 4096;  // 218,103,808
+// Embeddings + lm_head (bf16) + 65 RMSNorm weights (bf16).
+constexpr int64_t kDense = 2 * 128256LL * 4096 * 2 + 65LL * 4096 * 2;  // 2,101,878,784
+
+TEST(MemoryPlanTest, Nf4WeightBytesFor8B) {
+  static_assert(kLinearPerLayer == 218103808);
+  static_assert(kDense == 2101878784);
+  PlanInputs in = Job8B(0);
+  // Double quant: 4-bit codes (numel/2) + one uint8 absmax per 64-block +
+  // per tensor one fp32 scale per 256 blocks and one fp32 offset:
+  //   q/o: 262,144 blocks -> 1024 scales; k/v: 65,536 -> 256; gate/up/down: 917,504 -> 3584.
+  const int64_t scales_per_layer = 2 * (1024 * 4 + 4) + 2 * (256 * 4 + 4) + 3 * (3584 * 4 + 4);  // 53,276
+  const int64_t dq = kDense + 32 * (kLinearPerLayer / 2 + kLinearPerLayer / 64 + scales_per_layer);
+  EXPECT_EQ(dq, 5702296448);
+  EXPECT_EQ(BaseWeightBytes(in), dq);
+  // The calibration run reported 5.47 GiB "NF4 weights" right after loading:
+  // that figure includes the fp32 LoRA parameters (41,943,040 x 4 bytes).
+  EXPECT_NEAR(static_cast<double>(dq + 41943040LL * 4) / kGiB, 5.47, 0.005);
+
+  in.double_quant = false;  // fp32 absmax per 64-block
+  EXPECT_EQ(BaseWeightBytes(in), kDense + 32 * (kLinearPerLayer / 2 + kLinearPerLayer / 64 * 4));
+  in.base = "bf16";  // dense in the compute dtype
+  EXPECT_EQ(BaseWeightBytes(in), kDense + 32 * kLinearPerLayer * 2);
+}
+
+TEST(MemoryPlanTest, LoraParameterCountR16AllLinears) {
+  // r x (in + out) per module:
+  //   q 16x(4096+4096)=131,072  k 16x(4096+1024)=81,920  v 81,920  o 131,072
+  //   gate 16x(4096+14336)=294,912  up 294,912  down 294,912  -> 1,310,720 per layer
+  //   x 32 layers = 41,943,040.
+  PlanInputs in = Job8B(0);
+  EXPECT_EQ(LoraParameterCount(in), 41943040);
+  in.lora_targets = {"q_proj", "v_proj"};
+  EXPECT_EQ(LoraParameterCount(in), 32 * (131072 + 81920));
+}
+
+TEST(MemoryPlanTest, OptimizerBytesEightBitVersusFp32) {
+  PlanInputs in = Job8B(0);
+  // 8-bit: every LoRA tensor has >= 4096 elements and a multiple of 256:
+  // m and v take one byte per element plus one fp32 absmax per 256.
+  EXPECT_EQ(OptimizerStateBytes(in), 2 * 41943040LL + 2 * (41943040LL / 256) * 4);  // 85,196,800
+  in.optimizer = "adamw";  // fp32 m and v
+  EXPECT_EQ(OptimizerStateBytes(in), 8 * 41943040LL);  // 335,544,320
+}
+
+TEST(MemoryPlanTest, ActivationsPerTokenWithAndWithoutCheckpointing) {
+  PlanInputs in = Job8B(0);
+  // One layer, bf16, SDPA, per token:
+  //   2 RMSNorms: fp32 input 4x4096 + 1/rms 4, bf16 output 2x4096    2 x (16,388 + 8,192) = 49,160
+  //   rotated q 2x4096, k 2x1024, contiguous v 2x1024                                      12,288
+  //   SDPA output 2x4096 + fp32 logsumexp 4x32                                              8,320
+  //   attention output transposed copy (o_proj LoRA input) 2x4096                           8,192
+  //   MLP: gate, silu(gate), up, product 4 x 2x14336                                      114,688
+  //   7 LoRA A outputs 7 x 2x16                                                               224
+  const int64_t layer = 49160 + 12288 + 8320 + 8192 + 114688 + 224;
+  EXPECT_EQ(layer, 192872);
+  EXPECT_EQ(LayerActivationBytesPerToken(in), layer);
+  EXPECT_EQ(SavedActivationBytesPerToken(in, Checkpointing::kOff), 32 * layer);     // 6,171,904
+  EXPECT_EQ(SavedActivationBytesPerToken(in, Checkpointing::kOn), 32 * 4096 * 2);  // 262,144: layer inputs
+  // The math path (torch 1.x) keeps fp32 + bf16 probabilities, 32 heads x T
+  // per token, and the T-wide boolean mask, but no SDPA output/logsumexp.
+  in.attention = AttentionKernel::kMath;
+  EXPECT_EQ(LayerActivationBytesPerToken(in), layer - 8320 + 32 * 2048 * (4 + 2) + 2048);
+}
+
+// Peak of the calibration run (H200, torch 2.11): micro 1, seq 2048,
+// checkpointing on. Cross-entropy backward is the peak phase:
+//   persistent = weights 5,702,296,448 + LoRA params+grads 335,544,320
+//              + 8-bit states 85,196,800 + 2 cuBLAS workspaces 67,108,864 = 6,190,146,432
+//   layer inputs 262,144 x 2048 = 536,870,912; final RMSNorm fp32 input + normed
+//   hidden 2048x4096x6 = 50,331,648; 2047 selected rows + their grad 2x2047x4096x2
+//   = 33,538,048; one 1024-row chunk bf16 + fp32 + fp32 softmax 1024x128256x10 =
+//   1,313,341,440  -> 8,124,228,480 bytes = 7.566 GiB (measured 7.57 GiB).
+TEST(MemoryPlanTest, PredictsTheMeasured8BPeak) {
+  PlanInputs in = Job8B(0);
+  const Breakdown b = PlanFor(in, 1, Checkpointing::kOn);
+  EXPECT_EQ(b.peak_allocated, 8124228480);
+  EXPECT_EQ(b.peak_phase, "cross_entropy_backward");
+  EXPECT_EQ(b.weights + b.lora + b.optimizer + b.workspace, 6190146432);
+  EXPECT_EQ(b.logits, 33538048 + 1313341440);
+  EXPECT_LT(std::abs(static_cast<double>(b.peak_allocated) / kGiB - 7.57) / 7.57, 0.01);
+  EXPECT_EQ(b.reserved % (2 * kMiB), 0);
+  EXPECT_GE(b.reserved, static_cast<int64_t>(b.peak_allocated * (1 + kFragmentation)));
+}
+
+// With checkpointing on, micro m >= 4 peaks in the last layer's backward:
+//   536,870,912m (inputs) + 192,872 x 2048m (recomputed layer) + 2 x 1,310,720
+//   (bf16 LoRA copies) + 8 x 58,720,256 (NF4 dequant of a 14336x4096 weight)
+//   + 2048m x 2 x (4096 + 14336) (gradients) = 1,007,370,240m + 472,383,488.
+int64_t PeakOn(int m) { return 6190146432LL + 1007370240LL * m + 472383488LL; }
+// Without checkpointing the cross-entropy backward is the peak:
+//   6,171,904 x 2048m (all layers) + 32 x 2,621,440 (LoRA copies) + 2048m x 4096 x 6
+//   + 2047m x 16,384 + 1,313,341,440.
+int64_t PeakOff(int m) {
+  return 6190146432LL + 6171904LL * 2048 * m + 32LL * 2621440 + 50331648LL * m + 33538048LL * m + 1313341440LL;
+}
+int64_t Budget(int64_t gib) { return static_cast<int64_t>(static_cast<double>(Card(gib)) * 0.90); }
+bool Fits(int64_t peak, int64_t gib) { return static_cast<double>(peak) * 1.10 <= static_cast<double>(Budget(gib)); }
+
+TEST(MemoryPlanTest, HandFiguresBehindTheChoices) {
+  // The arithmetic the choice tests rely on, checked against the planner once.
+  PlanInputs in = Job8B(0);
+  for (int m : {4, 8, 16}) EXPECT_EQ(PlanFor(in, m, Checkpointing::kOn).peak_allocated, PeakOn(m)) << m;
+  for (int m : {1, 2, 4}) EXPECT_EQ(PlanFor(in, m, Checkpointing::kOff).peak_allocated, PeakOff(m)) << m;
+}
+
+struct ChoiceCase {
+  int64_t gib;
+  int micro, accum;
+  Checkpointing ckpt;
+};
+
+TEST(MemoryPlanTest, ChoosesSplitPerGpuSize) {
+  // 16 GiB: on m=8 needs 14,721,491,840 x 1.1 > 14,978,698,444 budget; m=4 fits.
+  EXPECT_FALSE(Fits(PeakOn(8), 16));
+  EXPECT_TRUE(Fits(PeakOn(4), 16));
+  // 24 GiB: off fits only at m=1 (< 4: recomputing with m=8 is faster); on m=8 fits, m=16 does not.
+  EXPECT_TRUE(Fits(PeakOff(1), 24));
+  EXPECT_FALSE(Fits(PeakOff(2), 24));
+  EXPECT_TRUE(Fits(PeakOn(8), 24));
+  EXPECT_FALSE(Fits(PeakOn(16), 24));
+  // 40 GiB: off fits up to m=2 (< 4); on m=16 (the whole batch) fits.
+  EXPECT_TRUE(Fits(PeakOff(2), 40));
+  EXPECT_FALSE(Fits(PeakOff(4), 40));
+  EXPECT_TRUE(Fits(PeakOn(16), 40));
+  // 80 GiB: off fits at m=4 (58,483,090,304 x 1.1 < 76,826,227,507), not at m=8.
+  EXPECT_TRUE(Fits(PeakOff(4), 80));
+  EXPECT_FALSE(Fits(PeakOff(8), 80));
+
+  const ChoiceCase cases[] = {{16, 4, 4, Checkpointing::kOn},
+                              {24, 8, 2, Checkpointing::kOn},
+                              {40, 16, 1, Checkpointing::kOn},
+                              {80, 4, 4, Checkpointing::kOff}};
+  for (const ChoiceCase& c : cases) {
+    const MemoryPlan p = ChoosePlan(Job8B(Card(c.gib)));
+    EXPECT_TRUE(p.fits) << c.gib << " GiB";
+    EXPECT_EQ(p.micro_batch_size, c.micro) << c.gib << " GiB";
+    EXPECT_EQ(p.grad_accum, c.accum) << c.gib << " GiB";
+    EXPECT_EQ(p.checkpointing, c.ckpt) << c.gib << " GiB";
+    EXPECT_EQ(p.micro_batch_size * p.grad_accum * 1, 16) << c.gib << " GiB";
+    EXPECT_EQ(p.budget_bytes, Budget(c.gib));
+    EXPECT_LE(p.breakdown.reserved, p.budget_bytes);
+  }
+}
+
+TEST(MemoryPlanTest, EightGigabytesIsShortAndSaysWhy) {
+  // Persistent memory alone is 6,190,146,432 x 1.1 = 6.81e9 of a 7,247,757,312
+  // budget; micro 1 with checkpointing needs 8,124,228,480 x 1.1.
+  EXPECT_FALSE(Fits(8124228480, 8));
+  const MemoryPlan p = ChoosePlan(Job8B(Card(8)));
+  EXPECT_FALSE(p.fits);
+  EXPECT_EQ(p.micro_batch_size, 1);  // the smallest plan: micro 1 + offload
+  EXPECT_EQ(p.grad_accum, 16);
+  EXPECT_EQ(p.checkpointing, Checkpointing::kOffload);
+  EXPECT_EQ(p.shortfall_bytes, p.breakdown.reserved - Budget(8));
+  // Offload, micro 1: 7,587,357,568 allocated (see the 9 GiB case), x 1.1 =
+  // 8,346,093,325 rounded up to 2 MiB = 3980 x 2 MiB = 8,346,664,960 reserved;
+  // budget 0.9 x 7.5 GiB = 7,247,757,312 -> short by 1,098,907,648.
+  EXPECT_EQ(p.breakdown.peak_allocated, 7587357568LL);
+  EXPECT_EQ(p.breakdown.reserved, 3980 * 2 * kMiB);
+  EXPECT_EQ(p.shortfall_bytes, 1098907648LL);
+  // No sequence length helps: persistent memory plus one dequantised
+  // 14336x4096 weight (8 x 58,720,256) is 6,659,908,480 x 1.1 > the budget.
+  EXPECT_FALSE(Fits(6190146432LL + 469762048LL, 8));
+  EXPECT_EQ(p.fix.find("dataset.max_seq_length"), std::string::npos) << p.fix;
+  EXPECT_NE(p.fix.find("GPU with at least"), std::string::npos) << p.fix;
+  EXPECT_NE(FormatPlan(Job8B(Card(8)), p).find("DOES NOT FIT"), std::string::npos);
+}
+
+TEST(MemoryPlanTest, NineGigabytesFitsWithShorterSequences) {
+  // Budget 0.9 x 8.5 GiB = 8,214,191,718. seq 1024, micro 1: 6,190,146,432
+  // + 268,435,456 (inputs) + 25,165,824 (final norm) + 16,760,832 (rows)
+  // + 1,313,341,440 (chunk) = 7,813,849,984, x 1.1 too big. seq 512: the chunk
+  // shrinks to 511 rows: 134,217,728 + 12,582,912 + 8,372,224 + 655,388,160
+  // -> 7,000,707,456 x 1.1 fits. Offload (the smallest plan) drops the layer
+  // inputs: seq 2048 needs 6,190,146,432 + 50,331,648 + 33,538,048
+  // + 1,313,341,440 = 7,587,357,568 x 1.1, too big; seq 1024 7,545,414,528
+  // too; seq 512 6,866,489,728 fits.
+  EXPECT_FALSE(Fits(7813849984LL, 9));
+  EXPECT_TRUE(Fits(7000707456LL, 9));
+  EXPECT_FALSE(Fits(7587357568LL, 9));
+  EXPECT_FALSE(Fits(7545414528LL, 9));
+  EXPECT_TRUE(Fits(6866489728LL, 9));
+  PlanInputs shorter = Job8B(0);
+  shorter.seq_len = 512;
+  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOn).peak_allocated, 7000707456LL);
+  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOffload).peak_allocated, 6866489728LL);
+  const MemoryPlan p = ChoosePlan(Job8B(Card(9)));
+  EXPECT_FALSE(p.fits);
+  EXPECT_NE(p.fix.find("lower dataset.max_seq_length to 512"), std::string::npos) << p.fix;
+}
+
+TEST(MemoryPlanTest, ExplicitValuesAreHonouredAndChecked) {
+  PlanInputs in = Job8B(Card(24));
+  in.micro_batch_size = 8;
+  in.checkpointing = "off";
+  const MemoryPlan p = ChoosePlan(in);
+  EXPECT_EQ(p.micro_batch_size, 8);
+  EXPECT_EQ(p.grad_accum, 2);
+  EXPECT_EQ(p.checkpointing, Checkpointing::kOff);
+  EXPECT_FALSE(p.fits);
+  EXPECT_NE(p.fix.find("micro_batch_size: auto"), std::string::npos) << p.fix;
+
+  in.checkpointing = "auto";  // micro 8 given: off does not fit, on does
+  const MemoryPlan q = ChoosePlan(in);
+  EXPECT_TRUE(q.fits);
+  EXPECT_EQ(q.checkpointing, Checkpointing::kOn);
+
+  in.micro_batch_size = 0;
+  in.checkpointing = "on";  // largest micro-batch under "on"
+  EXPECT_EQ(ChoosePlan(in).micro_batch_size, 8);
+  // Offload keeps no layer inputs on the device, only the one fetched back:
+  // micro 16 peaks in the layer backward at PeakOn(16) - 536,870,912 x 16 + 16,777,216 x 16.
+  EXPECT_EQ(SavedActivationBytesPerToken(in, Checkpointing::kOffload), 0);
+  EXPECT_EQ(PlanFor(in, 16, Checkpointing::kOffload).peak_allocated, PeakOn(16) - 536870912LL * 16 + 16777216LL * 16);
+  in.cuda = false;  // CPU: "offload" is "on"
+  EXPECT_EQ(PlanFor(in, 2, Checkpointing::kOffload).peak_allocated, PlanFor(in, 2, Checkpointing::kOn).peak_allocated);
+}
+
+TEST(MemoryPlanTest, EffectiveBatchStaysExactAcrossRanks) {
+  PlanInputs in = Job8B(Card(40));
+  in.world_size = 2;  // 8 per rank: on m=8 fits (PeakOn(8) x 1.1 < budget), off only m=2
+  const MemoryPlan p = ChoosePlan(in);
+  EXPECT_EQ(p.micro_batch_size, 8);
+  EXPECT_EQ(p.micro_batch_size * p.grad_accum * in.world_size, 16);
+  EXPECT_GT(p.breakdown.allreduce + p.breakdown.peak_allocated, 0);
+  in.world_size = 3;
+  EXPECT_THROW(ChoosePlan(in), PlanError);
+  in.world_size = 1;
+  in.micro_batch_size = 5;
+  EXPECT_THROW(ChoosePlan(in), PlanError);
+}
+
+TEST(MemoryPlanTest, JsonCarriesTheBreakdown) {
+  const MemoryPlan p = ChoosePlan(Job8B(Card(16)));
+  const nlohmann::json j = p.ToJson();
+  for (const char* k : {"weights", "lora", "optimizer", "activations", "logits", "slack"}) {
+    EXPECT_TRUE(j["breakdown"].contains(k)) << k;
+  }
+  EXPECT_EQ(j["budget_bytes"], Budget(16));
+  EXPECT_EQ(j["gradient_checkpointing"], "on");
+  EXPECT_FALSE(j["reason"].get<std::string>().empty());
+}
+
+}  // namespace
+}  // namespace tune::plan

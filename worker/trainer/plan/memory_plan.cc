@@ -1,0 +1,504 @@
+#include "worker/trainer/plan/memory_plan.h"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+namespace tune::plan {
+namespace {
+
+struct LinearShape {
+  const char* name;
+  int64_t in, out;
+};
+
+std::vector<LinearShape> LinearShapes(const model::LlamaConfig& c) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  const int64_t q = int64_t{c.num_attention_heads} * c.head_dim, kv = int64_t{c.num_key_value_heads} * c.head_dim;
+  return {{"q_proj", H, q}, {"k_proj", H, kv}, {"v_proj", H, kv}, {"o_proj", q, H},
+          {"gate_proj", H, I}, {"up_proj", H, I}, {"down_proj", I, H}};
+}
+
+bool IsTarget(const PlanInputs& in, const std::string& module) {
+  return std::find(in.lora_targets.begin(), in.lora_targets.end(), module) != in.lora_targets.end();
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One LoRA tensor's AdamW states (AdamW::StateBytes, AdamWOptions defaults:
+// 8-bit from 4096 elements, 256-element blocks).
+int64_t StateBytesFor(int64_t numel, bool eight_bit) {
+  if (!eight_bit || numel < 4096) return 8 * numel;
+  const int64_t blocks = CeilDiv(numel, 256);
+  return 2 * (blocks * 256 + 4 * blocks);
+}
+
+// LoRA parameters of one decoder layer.
+int64_t LoraParamsPerLayer(const PlanInputs& in) {
+  int64_t n = 0;
+  for (const LinearShape& s : LinearShapes(in.model)) {
+    if (IsTarget(in, s.name)) n += int64_t{in.lora_r} * (s.in + s.out);
+  }
+  return n;
+}
+
+// Bytes autograd keeps per token for a layer's attention: the kernel's saved
+// inputs/outputs (q, k, v are the rotated/contiguous copies LayerForward
+// makes) and, on the math path, the probabilities (heads x T per token).
+int64_t AttentionBytesPerToken(const PlanInputs& in) {
+  const model::LlamaConfig& c = in.model;
+  const int64_t cb = in.ComputeBytes();
+  const int64_t q = int64_t{c.num_attention_heads} * c.head_dim, kv = int64_t{c.num_key_value_heads} * c.head_dim;
+  const int64_t T = in.seq_len;
+  switch (in.attention) {
+    case AttentionKernel::kSdpa:
+      if (!in.packing) return cb * (q + 2 * kv) + cb * q + 4 * c.num_attention_heads;
+      [[fallthrough]];  // a segment mask rules out grouped heads: K/V expanded
+    case AttentionKernel::kSdpaExpandKv: {
+      // Expanded K/V replace k and v; with packing the boolean mask becomes
+      // an additive [B,1,T,T] bias in the compute dtype that is kept.
+      const int64_t mask = in.packing ? cb * T : 0;
+      return cb * (3 * q) + cb * q + 4 * c.num_attention_heads + mask;
+    }
+    case AttentionKernel::kMath: {
+      // softmax keeps its fp32 result; the compute-dtype copy feeds the
+      // second matmul (no copy when computing in fp32); the boolean mask is
+      // kept by masked_fill.
+      const int64_t probs = int64_t{c.num_attention_heads} * T * (4 + (cb == 4 ? 0 : cb));
+      return cb * (q + 2 * kv) + probs + T;
+    }
+  }
+  return 0;
+}
+
+// Transient attention buffers on the math path while a layer is
+// differentiated: scores, masked scores, fp32 softmax input and the
+// probability gradient (heads x T per token).
+int64_t MathAttentionTransientPerToken(const PlanInputs& in) {
+  if (in.attention != AttentionKernel::kMath) return 0;
+  return int64_t{in.model.num_attention_heads} * in.seq_len * (in.ComputeBytes() + 8);
+}
+
+// Rows entering the vocabulary projection: every position but each
+// sequence's last is at most supervised (prepare.cc shifts labels).
+int64_t CrossEntropyRows(const PlanInputs& in, int micro) {
+  return int64_t{micro} * std::max<int64_t>(1, in.seq_len - 1);
+}
+
+int64_t RoundUp(int64_t v, int64_t to) { return CeilDiv(v, to) * to; }
+
+std::string Commas(int64_t v) {
+  std::string s = std::to_string(v);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<size_t>(i), ",");
+  return s;
+}
+
+std::vector<int> DivisorsDescending(int n) {
+  std::vector<int> d;
+  for (int i = n; i >= 1; --i) {
+    if (n % i == 0) d.push_back(i);
+  }
+  return d;
+}
+
+Checkpointing ParseMode(const std::string& mode) {
+  if (mode == "off") return Checkpointing::kOff;
+  if (mode == "offload") return Checkpointing::kOffload;
+  return Checkpointing::kOn;
+}
+
+}  // namespace
+
+const char* CheckpointingName(Checkpointing c) {
+  switch (c) {
+    case Checkpointing::kOff: return "off";
+    case Checkpointing::kOn: return "on";
+    case Checkpointing::kOffload: return "offload";
+  }
+  return "on";
+}
+
+const char* AttentionKernelName(AttentionKernel k) {
+  switch (k) {
+    case AttentionKernel::kSdpa: return "sdpa";
+    case AttentionKernel::kSdpaExpandKv: return "sdpa_expand_kv";
+    case AttentionKernel::kMath: return "math";
+  }
+  return "sdpa";
+}
+
+AttentionKernel AttentionFor(int torch_major, int torch_minor) {
+  if (torch_major < 2) return AttentionKernel::kMath;
+  if (torch_major == 2 && torch_minor < 5) return AttentionKernel::kSdpaExpandKv;
+  return AttentionKernel::kSdpa;
+}
+
+PlanInputs InputsFromSpec(const spec::JobSpec& spec, const model::LlamaConfig& model, const std::string& precision,
+                          int world_size, bool cuda, AttentionKernel attention, int64_t free_bytes) {
+  PlanInputs in;
+  in.model = model;
+  in.base = spec.quantization.base;
+  in.double_quant = spec.quantization.double_quant;
+  in.block_size = spec.quantization.block_size;
+  in.lora_r = spec.lora.r;
+  in.lora_targets = spec.lora.targets;
+  in.lora_dropout = spec.lora.dropout;
+  in.optimizer = spec.training.optimizer;
+  in.precision = precision;
+  in.seq_len = spec.dataset.max_seq_length;
+  in.packing = spec.dataset.packing;
+  in.effective_batch_size = spec.training.effective_batch_size;
+  in.world_size = world_size;
+  in.micro_batch_size = spec.training.micro_batch_size;
+  in.checkpointing = spec.training.gradient_checkpointing;
+  in.cuda = cuda;
+  in.attention = attention;
+  in.free_bytes = free_bytes;
+  return in;
+}
+
+int64_t BaseWeightBytes(const PlanInputs& in) {
+  const model::LlamaConfig& c = in.model;
+  const int64_t cb = in.ComputeBytes(), H = c.hidden_size, V = c.vocab_size, L = c.num_hidden_layers;
+  int64_t bytes = V * H * cb + (2 * L + 1) * H * cb;  // embeddings + RMSNorm weights
+  if (!c.tie_word_embeddings) bytes += V * H * cb;   // lm_head
+  for (const LinearShape& s : LinearShapes(c)) {
+    const int64_t numel = s.in * s.out;
+    int64_t per_layer = 0;
+    if (in.base == "nf4") {
+      const int64_t blocks = CeilDiv(numel, in.block_size);
+      per_layer = blocks * in.block_size / 2;  // two 4-bit codes a byte
+      per_layer += in.double_quant ? blocks + 4 * CeilDiv(blocks, 256) + 4 : 4 * blocks;
+    } else {
+      per_layer = numel * cb;
+    }
+    bytes += L * per_layer;
+  }
+  return bytes;
+}
+
+int64_t LoraParameterCount(const PlanInputs& in) { return in.model.num_hidden_layers * LoraParamsPerLayer(in); }
+
+int64_t OptimizerStateBytes(const PlanInputs& in) {
+  const bool eight_bit = in.optimizer == "adamw_8bit";
+  int64_t per_layer = 0;
+  for (const LinearShape& s : LinearShapes(in.model)) {
+    if (!IsTarget(in, s.name)) continue;
+    per_layer += StateBytesFor(int64_t{in.lora_r} * s.in, eight_bit) + StateBytesFor(s.out * in.lora_r, eight_bit);
+  }
+  return in.model.num_hidden_layers * per_layer;
+}
+
+int64_t LayerActivationBytesPerToken(const PlanInputs& in) {
+  const model::LlamaConfig& c = in.model;
+  const int64_t cb = in.ComputeBytes(), H = c.hidden_size, I = c.intermediate_size;
+  const int64_t q = int64_t{c.num_attention_heads} * c.head_dim;
+  const bool qkv_lora = IsTarget(in, "q_proj") || IsTarget(in, "k_proj") || IsTarget(in, "v_proj");
+  const bool gate_up_lora = IsTarget(in, "gate_proj") || IsTarget(in, "up_proj");
+  // RMSNorm keeps its fp32 input (pow, mul) and 1/rms — the fused kernel its
+  // compute-dtype input and 1/rms; its output is kept only by a LoRA A matmul
+  // (the NF4 matmul keeps no activation).
+  int64_t b = 2 * ((in.fused_kernels ? cb : 4) * H + 4);
+  if (qkv_lora) b += cb * H;
+  if (gate_up_lora) b += cb * H;
+  b += AttentionBytesPerToken(in);
+  if (IsTarget(in, "o_proj")) b += cb * q;  // attention output, transposed copy
+  // silu keeps gate; the product keeps silu(gate) and up (fused: gate, up).
+  b += (in.fused_kernels ? 2 : 3) * cb * I;
+  if (IsTarget(in, "down_proj")) b += cb * I;
+  for (const LinearShape& s : LinearShapes(c)) {
+    if (!IsTarget(in, s.name)) continue;
+    b += cb * in.lora_r;                                  // A output, kept by B
+    if (in.lora_dropout > 0) b += (cb + 1) * s.in;        // dropout output + mask
+  }
+  return b;
+}
+
+int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt) {
+  const int64_t L = in.model.num_hidden_layers;
+  if (ckpt == Checkpointing::kOff) return L * LayerActivationBytesPerToken(in);
+  if (ckpt == Checkpointing::kOffload && in.cuda) return 0;
+  return L * int64_t{in.model.hidden_size} * in.ComputeBytes();
+}
+
+nlohmann::json Breakdown::ToJson() const {
+  return {{"weights", weights},     {"lora", lora},           {"optimizer", optimizer},
+          {"activations", activations}, {"logits", logits},   {"transient", transient},
+          {"workspace", workspace}, {"allreduce", allreduce}, {"slack", slack},
+          {"peak_allocated", peak_allocated}, {"reserved", reserved}, {"peak_phase", peak_phase}};
+}
+
+Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
+  if (micro <= 0) throw PlanError("micro_batch_size must be > 0");
+  if ((!kActivationOffloadImplemented || !in.cuda) && ckpt == Checkpointing::kOffload) ckpt = Checkpointing::kOn;
+  const model::LlamaConfig& c = in.model;
+  const int64_t cb = in.ComputeBytes(), H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+  const int64_t L = c.num_hidden_layers;
+  const int64_t N = int64_t{micro} * in.seq_len;
+  const int64_t R = CrossEntropyRows(in, micro);
+  const int64_t lora_params = LoraParameterCount(in);
+
+  Breakdown b;
+  b.weights = BaseWeightBytes(in);
+  b.lora = 8 * lora_params;  // fp32 params + fp32 grads
+  b.optimizer = OptimizerStateBytes(in);
+  b.workspace = in.cuda ? kCublasWorkspaces * kCublasWorkspaceBytes : 0;
+  const int64_t persistent = b.weights + b.lora + b.optimizer + b.workspace;
+
+  // Compute-dtype copies of LoRA A/B made in every forward and kept by the
+  // LoRA matmuls (none when computing in fp32: .to() returns the tensor).
+  const int64_t casts_per_layer = cb == 4 ? 0 : cb * LoraParamsPerLayer(in);
+  const int64_t layer = LayerActivationBytesPerToken(in) * N;
+  const int64_t model_saved = SavedActivationBytesPerToken(in, ckpt) * N + casts_per_layer * (ckpt == Checkpointing::kOff ? L : 0);
+
+  // Phase A: cross-entropy backward (everything the model saved, the final
+  // RMSNorm's fp32 input, the normed hidden states, selected rows + their
+  // gradient, one chunk: compute-dtype logits, fp32 logits, fp32 softmax).
+  const int64_t chunk = std::min<int64_t>(R, kCrossEntropyChunk);
+  // Fused: one bf16 [chunk, V] buffer, rewritten in place with dlogits.
+  const int64_t chunk_bytes = in.fused_kernels ? chunk * V * cb : chunk * V * (cb == 4 ? 8 : cb + 8);
+  const int64_t ce_act = model_saved + N * H * ((in.fused_kernels ? cb : 4) + cb);
+  const int64_t ce_logits = 2 * R * H * cb + chunk_bytes;
+
+  // Phase B: backward of the last decoder layer (with checkpointing: its
+  // recomputed intermediates on top of all layer inputs).
+  int64_t dequant = 0;
+  if (in.base == "nf4") {
+    int64_t largest = 0;
+    for (const LinearShape& s : LinearShapes(c)) largest = std::max(largest, s.in * s.out);
+    // int64 packed indices + fp32 values; the fused kernel writes bf16 directly.
+    dequant = (in.fused_kernels ? 2 : 8) * largest;
+  }
+  // With offload the layer's input comes back to the device for the recompute.
+  const int64_t fetched = ckpt == Checkpointing::kOffload ? N * H * cb : 0;
+  const int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) +
+                            MathAttentionTransientPerToken(in) * N;
+  const int64_t layer_transient = dequant + N * cb * (H + I);
+
+  // Phase C: gradient all-reduce bucket (activations are gone by then).
+  int64_t largest_lora = 0;
+  for (const LinearShape& s : LinearShapes(c)) {
+    if (IsTarget(in, s.name)) largest_lora = std::max(largest_lora, int64_t{in.lora_r} * std::max(s.in, s.out));
+  }
+  const int64_t bucket = in.world_size > 1 ? std::max<int64_t>(int64_t{25} << 20, 4 * largest_lora) : 0;
+
+  const int64_t a = ce_act + ce_logits, l = layer_act + layer_transient, o = bucket;
+  if (a >= l && a >= o) {
+    b.activations = ce_act;
+    b.logits = ce_logits;
+    b.peak_phase = "cross_entropy_backward";
+  } else if (l >= o) {
+    b.activations = layer_act;
+    b.transient = layer_transient;
+    b.peak_phase = "layer_backward";
+  } else {
+    b.allreduce = bucket;
+    b.peak_phase = "optimizer";
+  }
+  b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;
+  b.reserved = RoundUp(static_cast<int64_t>(std::ceil(static_cast<double>(b.peak_allocated) * (1.0 + kFragmentation))),
+                       int64_t{2} << 20);
+  b.slack = b.reserved - b.peak_allocated;
+  return b;
+}
+
+nlohmann::json MemoryPlan::ToJson() const {
+  nlohmann::json j = {{"micro_batch_size", micro_batch_size},
+                      {"grad_accum", grad_accum},
+                      {"gradient_checkpointing", CheckpointingName(checkpointing)},
+                      {"predicted_peak_bytes", breakdown.peak_allocated},
+                      {"predicted_reserved_bytes", breakdown.reserved},
+                      {"free_bytes", free_bytes},
+                      {"budget_bytes", budget_bytes},
+                      {"fits", fits},
+                      {"breakdown", breakdown.ToJson()},
+                      {"reason", reason}};
+  if (!fits) {
+    j["shortfall_bytes"] = shortfall_bytes;
+    j["fix"] = fix;
+  }
+  return j;
+}
+
+MemoryPlan ChoosePlan(const PlanInputs& in) {
+  const int world = in.world_size, effective = in.effective_batch_size;
+  if (world <= 0) throw PlanError("world size must be > 0");
+  if (effective <= 0) throw PlanError("training.effective_batch_size must be > 0");
+  if (effective % world != 0) {
+    throw PlanError("training.effective_batch_size (" + std::to_string(effective) +
+                    ") must be divisible by the number of ranks (" + std::to_string(world) + "); choose a multiple of " +
+                    std::to_string(world));
+  }
+  const int per_rank = effective / world;
+  if (in.micro_batch_size > 0 && per_rank % in.micro_batch_size != 0) {
+    throw PlanError("training.micro_batch_size (" + std::to_string(in.micro_batch_size) +
+                    ") must divide effective_batch_size / ranks (" + std::to_string(per_rank) +
+                    "); change micro_batch_size or effective_batch_size");
+  }
+  MemoryPlan plan;
+  plan.free_bytes = in.free_bytes;
+  plan.budget_bytes = static_cast<int64_t>(static_cast<double>(in.free_bytes) * in.safety_margin);
+  auto fits = [&](const Breakdown& b) { return b.reserved <= plan.budget_bytes; };
+  auto take = [&](int micro, Checkpointing ckpt, const std::string& reason) {
+    plan.micro_batch_size = micro;
+    plan.grad_accum = per_rank / micro;
+    plan.checkpointing = ckpt;
+    plan.breakdown = PlanFor(in, micro, ckpt);
+    plan.fits = fits(plan.breakdown);
+    plan.reason = reason;
+    return plan;
+  };
+  // Largest micro-batch (a divisor of the per-rank batch) that fits, or 0.
+  auto largest_fitting = [&](Checkpointing ckpt) {
+    for (int m : DivisorsDescending(per_rank)) {
+      if (in.micro_batch_size > 0 && m != in.micro_batch_size) continue;
+      if (fits(PlanFor(in, m, ckpt))) return m;
+    }
+    return 0;
+  };
+  const bool ckpt_auto = in.checkpointing == "auto";
+  const bool micro_auto = in.micro_batch_size <= 0;
+  std::vector<Checkpointing> modes;
+  if (ckpt_auto) {
+    modes = {Checkpointing::kOff, Checkpointing::kOn};
+    if (kActivationOffloadImplemented) modes.push_back(Checkpointing::kOffload);
+  } else {
+    modes = {ParseMode(in.checkpointing)};
+  }
+  const std::string given = micro_auto ? "" : "micro_batch_size " + std::to_string(in.micro_batch_size) + " as given";
+  const std::string ckpt_given = ckpt_auto ? "" : "checkpointing " + in.checkpointing + " as given";
+  for (Checkpointing mode : modes) {
+    const int m = largest_fitting(mode);
+    if (m == 0) continue;
+    // Without checkpointing, a small micro-batch is slower than recomputing
+    // with a larger one; require a reasonable micro-batch first.
+    if (ckpt_auto && micro_auto && mode == Checkpointing::kOff &&
+        m < std::min(per_rank, kMinMicroWithoutCheckpointing) && modes.size() > 1) {
+      continue;
+    }
+    std::string why;
+    if (!micro_auto && !ckpt_auto) {
+      why = given + ", " + ckpt_given + "; fits the budget";
+    } else if (!ckpt_auto) {
+      why = ckpt_given + "; micro-batch " + std::to_string(m) + " is the largest divisor of " +
+            std::to_string(per_rank) + " that fits";
+    } else if (!micro_auto) {
+      why = given + "; checkpointing " + CheckpointingName(mode) +
+            (mode == Checkpointing::kOff ? " (fastest) fits" : " because it does not fit without");
+    } else if (mode == Checkpointing::kOff) {
+      why = "fits without checkpointing (fastest) with micro-batch " + std::to_string(m);
+    } else {
+      why = "checkpointing " + std::string(CheckpointingName(mode)) +
+            " (without it no micro-batch >= " + std::to_string(std::min(per_rank, kMinMicroWithoutCheckpointing)) +
+            " fits); micro-batch " + std::to_string(m) + " is the largest that fits";
+    }
+    return take(m, mode, why);
+  }
+
+  // Nothing fits: report the most frugal choice (explicit values honoured).
+  const int micro = micro_auto ? 1 : in.micro_batch_size;
+  const Checkpointing mode = ckpt_auto ? (kActivationOffloadImplemented ? Checkpointing::kOffload : Checkpointing::kOn)
+                                       : ParseMode(in.checkpointing);
+  take(micro, mode, "nothing fits the budget; this is the smallest plan" +
+                        std::string(micro_auto && ckpt_auto ? "" : " with the values given"));
+  plan.shortfall_bytes = std::max<int64_t>(0, plan.breakdown.reserved - plan.budget_bytes);
+  // Fixes, most specific first; each is checked with the planner.
+  std::vector<std::string> fixes;
+  if (!micro_auto || !ckpt_auto) {
+    PlanInputs relaxed = in;
+    relaxed.micro_batch_size = 0;
+    relaxed.checkpointing = "auto";
+    const Breakdown best = PlanFor(relaxed, 1, Checkpointing::kOn);
+    if (fits(best)) fixes.push_back("set training.micro_batch_size: auto and gradient_checkpointing: auto");
+  }
+  for (int64_t seq = in.seq_len / 2; seq >= 128; seq /= 2) {
+    PlanInputs shorter = in;
+    shorter.seq_len = seq;
+    if (fits(PlanFor(shorter, micro, mode))) {
+      fixes.push_back("lower dataset.max_seq_length to " + std::to_string(seq));
+      break;
+    }
+  }
+  if (in.base != "nf4") fixes.push_back("use quantization.base: nf4");
+  if (in.optimizer != "adamw_8bit") fixes.push_back("use training.optimizer: adamw_8bit");
+  const int64_t need = static_cast<int64_t>(std::ceil(static_cast<double>(plan.breakdown.reserved) / in.safety_margin));
+  fixes.push_back("use a GPU with at least " + FormatBytes(need + (in.cuda ? kCudaContextBytes : 0)) +
+                  (in.cuda ? " of memory" : " of free memory") +
+                  " (more GPUs do not help: data parallel keeps a full model on each)");
+  std::string fix;
+  for (const std::string& f : fixes) fix += (fix.empty() ? "" : "; or ") + f;
+  plan.fix = fix;
+  return plan;
+}
+
+std::string FormatBytes(int64_t bytes) {
+  char buf[64];
+  const double b = static_cast<double>(bytes);
+  if (bytes >= (int64_t{1} << 30)) {
+    std::snprintf(buf, sizeof(buf), "%.2f GiB", b / (1 << 30));
+  } else if (bytes >= (int64_t{1} << 20)) {
+    std::snprintf(buf, sizeof(buf), "%.1f MiB", b / (1 << 20));
+  } else if (bytes >= 1024) {
+    std::snprintf(buf, sizeof(buf), "%.1f KiB", b / 1024);
+  } else {
+    std::snprintf(buf, sizeof(buf), "%" PRId64 " B", bytes);
+  }
+  return buf;
+}
+
+std::string FormatPlan(const PlanInputs& in, const MemoryPlan& plan) {
+  const Breakdown& b = plan.breakdown;
+  std::ostringstream o;
+  auto row = [&](const char* name, int64_t v, const std::string& note) {
+    char buf[48];
+    std::snprintf(buf, sizeof(buf), "  %-13s %12s", name, FormatBytes(v).c_str());
+    o << buf << (note.empty() ? "" : "  " + note) << "\n";
+  };
+  o << "plan: micro-batch " << plan.micro_batch_size << " x grad-accum " << plan.grad_accum << " x "
+    << in.world_size << " rank(s) = " << in.effective_batch_size << ", checkpointing "
+    << CheckpointingName(plan.checkpointing) << ", " << in.precision << ", seq " << in.seq_len << ", attention "
+    << AttentionKernelName(in.attention) << (in.fused_kernels ? ", fused kernels" : "") << "\n";
+  const std::string quant = in.base == "nf4" ? "nf4, block " + std::to_string(in.block_size) +
+                                                   (in.double_quant ? ", double quant" : "")
+                                             : "dense " + in.precision;
+  row("weights", b.weights, "(" + quant + ")");
+  row("lora", b.lora, "(" + Commas(LoraParameterCount(in)) + " params r=" + std::to_string(in.lora_r) + ", fp32 + grads)");
+  row("optimizer", b.optimizer, "(" + in.optimizer + ")");
+  row("activations", b.activations, "(" + FormatBytes(SavedActivationBytesPerToken(in, plan.checkpointing)) +
+                                        " per token kept across layers)");
+  row("logits", b.logits, "(cross-entropy, " + std::to_string(kCrossEntropyChunk) + "-row chunks)");
+  row("transient", b.transient, "(dequantised weight + layer gradients)");
+  row("workspace", b.workspace, in.cuda ? "(cuBLAS)" : "");
+  row("allreduce", b.allreduce, "");
+  row("= allocated", b.peak_allocated, "peak in " + b.peak_phase);
+  char pct[16];
+  std::snprintf(pct, sizeof(pct), "%.0f%%", kFragmentation * 100);
+  row("+ slack", b.slack, std::string("(allocator fragmentation, ") + pct + ")");
+  row("= reserved", b.reserved, "");
+  char margin[16];
+  std::snprintf(margin, sizeof(margin), "%.0f%%", in.safety_margin * 100);
+  row("budget", plan.budget_bytes, std::string("(") + margin + " of " + FormatBytes(plan.free_bytes) + " free)");
+  if (plan.fits) {
+    o << "fits: " << plan.reason << "\n";
+  } else {
+    o << "DOES NOT FIT: short by " << FormatBytes(plan.shortfall_bytes) << " (" << plan.reason << ")\n"
+      << "fix: " << plan.fix << "\n";
+  }
+  return o.str();
+}
+
+int64_t HostMemAvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (in >> key >> kb >> unit) {
+    if (key == "MemAvailable:") return kb * 1024;
+  }
+  return 0;
+}
+
+}  // namespace tune::plan
