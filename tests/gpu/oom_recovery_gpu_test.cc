@@ -20,26 +20,16 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/gpu/gpu_test_util.h"
+
 namespace {
+
+using tune::gpu_test::ReadEvents;
+using tune::gpu_test::RunCmd;
 
 namespace fs = std::filesystem;
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
-
-int RunCmd(const std::string& cmd) {
-  int rc = std::system(cmd.c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + WTERMSIG(rc);
-}
-
-std::vector<nlohmann::json> ReadEvents(const fs::path& file, const std::string& type) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(file);
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.value("type", "") == type) out.push_back(j);
-  }
-  return out;
-}
 
 class OomRecoveryGpuTest : public ::testing::Test {
  protected:
@@ -147,11 +137,4 @@ TEST_F(OomRecoveryGpuTest, CappedAllocatorOomIsRecovered) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (!torch::cuda::is_available()) {
-    std::printf("no CUDA device: skipping GPU tests\n");
-    return 77;
-  }
-  ::testing::InitGoogleTest(&argc, argv);
-  return RUN_ALL_TESTS();
-}
+int main(int argc, char** argv) { return tune::gpu_test::RunGpuTests(argc, argv); }

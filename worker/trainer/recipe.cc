@@ -23,11 +23,11 @@
 
 #include <torch/torch.h>
 #include <torch/version.h>
-#include <torch/version.h>
 
 #ifdef TUNE_TORCH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -80,10 +80,12 @@ class NanAbortError : public std::runtime_error {
 // Device memory exhaustion that does not arrive as c10::OutOfMemoryError:
 // cuBLAS handle/workspace creation (CUBLAS_STATUS_ALLOC_FAILED), a raw CUDA
 // allocation in a kernel library (cudaErrorMemoryAllocation, "out of
-// memory"). Neither is a sticky CUDA error, so the step can be redone.
+// memory"), libtorch's CPU allocator ("DefaultCPUAllocator: not enough
+// memory"). None is a sticky CUDA error, so the step can be redone.
 bool IsDeviceOutOfMemory(const c10::Error& e) {
   const std::string m = e.what_without_backtrace();
-  return m.find("out of memory") != std::string::npos || m.find("ALLOC_FAILED") != std::string::npos ||
+  return m.find("out of memory") != std::string::npos || m.find("not enough memory") != std::string::npos ||
+         m.find("ALLOC_FAILED") != std::string::npos ||
          m.find("cudaErrorMemoryAllocation") != std::string::npos ||
          m.find("resource allocation failed") != std::string::npos;
 }
@@ -233,6 +235,8 @@ class Trainer {
   bool IsRoot() const { return cfg_.dist.rank == 0; }
   double Elapsed() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
   void SetupDevice();
+  // All ranks compute in the same dtype (precision auto may differ per GPU).
+  void AgreeOnPrecision();
   void LoadData();
   void LoadModel();
   // Runs the memory planner (after the device and the data are known,
@@ -301,6 +305,10 @@ void Trainer::SetupDevice() {
     }
     device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(cfg_.device_index));
 #ifdef TUNE_TORCH_CUDA
+    // Every rank sees all of the attempt's GPUs; make cuda:LOCAL_RANK current
+    // so runtime queries (cudaMemGetInfo) and the CUDA context land on it, not
+    // on GPU 0.
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(cfg_.device_index));
     const cudaDeviceProp* prop = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(cfg_.device_index));
     if (cfg_.spec.training.precision == "auto" && prop->major < 8) {
       // bf16 tensor cores start at sm_80; fp16 needs loss scaling.
@@ -342,6 +350,23 @@ void Trainer::SetupDevice() {
   LogInfo("device " + device_.str() + ", compute " + cfg_.compute_dtype + " (" + cfg_.precision_note + ")");
 }
 
+void Trainer::AgreeOnPrecision() {
+  if (cfg_.dist.world_size == 1) return;
+  // precision auto picks per GPU (fp16 below sm_80). Gradients of ranks with
+  // and without a loss scale must not be summed: if any rank computes in
+  // fp16, all do.
+  torch::Tensor fp16 = torch::tensor({cfg_.compute_dtype == "fp16" ? 1.0 : 0.0}, torch::kFloat64);
+  comm_->AllReduceSum(fp16);
+  if (fp16.item<double>() > 0 && cfg_.compute_dtype != "fp16") {
+    cfg_.compute_dtype = "fp16";
+    cfg_.precision_note = "auto: fp16 with dynamic loss scaling because another rank's GPU has no bf16";
+    dtype_ = torch::kHalf;
+    scaler_ = LossScaler(true);
+    events_->EmitLog("warning", "training.precision auto: another rank's GPU has no bf16; all ranks train in fp16 "
+                                "with dynamic loss scaling");
+  }
+}
+
 void Trainer::Setup() {
   // Checked first: a fresh run must not mix its checkpoints with an old run's.
   if (!cfg_.cli.resume) {
@@ -352,6 +377,7 @@ void Trainer::Setup() {
   }
   SetupDevice();
   comm_ = Communicator::Create(cfg_.dist, device_);
+  AgreeOnPrecision();
   LoadData();
   PlanMemory();
   LoadModel();
@@ -423,6 +449,12 @@ void Trainer::PlanMemory() {
   namespace fs = std::filesystem;
   const model::LlamaConfig config = model::LlamaConfig::FromJsonFile((fs::path(cfg_.spec.model) / "config.json").string());
   int64_t free_bytes = FreeMemoryBytes(device_, cfg_.use_cuda ? cfg_.spec.faults.gpu_memory_cap_gb : 0);
+  if (!cfg_.use_cuda) {
+    // CPU ranks of one host share its RAM, each holding a whole model.
+    const char* local = std::getenv("LOCAL_WORLD_SIZE");
+    const long ranks_here = local != nullptr ? std::max(1L, std::strtol(local, nullptr, 10)) : 1L;
+    free_bytes /= ranks_here;
+  }
   if (cfg_.dist.world_size > 1) {
     // Every rank must take the same split: plan for the rank with least memory.
     torch::Tensor all = torch::zeros({cfg_.dist.world_size}, torch::kFloat64);
@@ -599,7 +631,7 @@ void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const s
     cfg_.gradient_checkpointing = true;
     model_->SetGradientCheckpointing(true);
     change = "gradient checkpointing on";
-  } else if (!cfg_.activation_offload) {
+  } else if (!cfg_.activation_offload && device_.is_cuda()) {  // offload moves device memory to the host
     cfg_.activation_offload = true;
     model_->SetActivationOffload(true);
     change = "activation offload on";
@@ -609,7 +641,8 @@ void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const s
     throw OomExhaustedError(
         "out of memory at step " + std::to_string(step) + " with the smallest plan left (micro-batch 1 x grad-accum " +
             std::to_string(b.grad_accum) + " x " + std::to_string(cfg_.dist.world_size) +
-            " rank(s), gradient checkpointing on, activation offload on, " + cfg_.compute_dtype +
+            " rank(s), gradient checkpointing on, " + (cfg_.activation_offload ? "activation offload on, " : "") +
+            cfg_.compute_dtype +
             ", max_seq_length " + std::to_string(cfg_.spec.dataset.max_seq_length) + " on " + device_.str() +
             "): " + what +
             ". Lower dataset.max_seq_length, use quantization.base: nf4, lower lora.r, or use a GPU with more memory",

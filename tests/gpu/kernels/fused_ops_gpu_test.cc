@@ -8,6 +8,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test_util.h"
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -185,11 +187,4 @@ TEST_F(FusedOpsGpuTest, TinyModelLossAndLoraGradsMatchTorchPath) {
 }  // namespace
 }  // namespace tune::model
 
-int main(int argc, char** argv) {
-  if (!torch::cuda::is_available()) {
-    std::printf("no CUDA device: skipping GPU tests\n");
-    return 77;
-  }
-  ::testing::InitGoogleTest(&argc, argv);
-  return RUN_ALL_TESTS();
-}
+int main(int argc, char** argv) { return tune::gpu_test::RunGpuTests(argc, argv); }

@@ -95,7 +95,10 @@ std::vector<int32_t> ConvertIds(const json& j, const std::string& key) {
   out.reserve(arr.size());
   for (size_t i = 0; i < arr.size(); ++i) {
     const json& v = arr[i];
-    const bool fits = v.is_number_integer() && v.get<int64_t>() >= INT32_MIN && v.get<int64_t>() <= INT32_MAX;
+    // Unsigned values above INT64_MAX would wrap in get<int64_t>(): range-check them as unsigned.
+    const bool fits = v.is_number_integer() &&
+                      (v.is_number_unsigned() ? v.get<uint64_t>() <= static_cast<uint64_t>(INT32_MAX)
+                                              : v.get<int64_t>() >= INT32_MIN && v.get<int64_t>() <= INT32_MAX);
     if (!fits) {
       throw LineError{key + "[" + std::to_string(i) + "] must be an integer token id (got " + v.dump() + ")"};
     }

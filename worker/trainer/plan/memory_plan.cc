@@ -411,7 +411,9 @@ MemoryPlan ChoosePlan(const PlanInputs& in) {
     PlanInputs relaxed = in;
     relaxed.micro_batch_size = 0;
     relaxed.checkpointing = "auto";
-    const Breakdown best = PlanFor(relaxed, 1, Checkpointing::kOn);
+    // The smallest plan auto may reach: offload where it exists (CUDA).
+    const Breakdown best =
+        PlanFor(relaxed, 1, kActivationOffloadImplemented && in.cuda ? Checkpointing::kOffload : Checkpointing::kOn);
     if (fits(best)) fixes.push_back("set training.micro_batch_size: auto and gradient_checkpointing: auto");
   }
   for (int64_t seq = in.seq_len / 2; seq >= 128; seq /= 2) {
