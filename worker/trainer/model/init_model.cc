@@ -124,6 +124,13 @@ void InitModel(const std::string& preset, const std::string& tokenizer_dir, cons
                                " (point it at a Llama 3 tokenizer directory)");
     }
   }
+  // The tiny preset's frozen head (hidden 64, tied std-0.02 embeddings) can
+  // only produce logits within about +-1.3 behind a final RMSNorm of weight 1,
+  // so no adapter could move its loss far from ln(128256) = 11.8 and a demo
+  // would show a flat curve. A final-norm weight of 16 (exact in bf16) gives
+  // the head the logit range a trained model has; the step-1 loss is then
+  // about 15.7, and LoRA can fit data.
+  const float final_norm = preset == "tiny" ? 16.0f : 1.0f;
   const fs::path out(out_dir);
   fs::create_directories(out);
 
@@ -169,7 +176,7 @@ void InitModel(const std::string& preset, const std::string& tokenizer_dir, cons
       const Spec& sp = specs[i];
       torch::Tensor t;
       if (sp.is_norm) {
-        t = torch::ones(sp.shape, torch::kFloat32);
+        t = torch::full(sp.shape, sp.name == "model.norm.weight" ? final_norm : 1.0f, torch::kFloat32);
       } else {
         t = torch::empty(sp.shape, torch::kFloat32);
         t.normal_(0.0, 0.02, gen);  // HF initializer_range

@@ -160,7 +160,8 @@ class LlamaForCausalLM : public torch::nn::Module {
 // preset: "tiny" (vocab 128256, hidden 64, 2 layers, 4 heads, 2 kv heads,
 // intermediate 192, tied embeddings, rope_theta 500000), "llama3-8b" (Llama 3.1
 // 8B shapes with llama3 rope scaling), or a path to a config.json (CUSTOM).
-// Init: normal(0, 0.02) for embeddings and linears, 1.0 for norms. dtype:
+// Init: normal(0, 0.02) for embeddings and linears, 1.0 for norms (tiny: 16 for
+// the final norm, so its frozen head has a trained model's logit range). dtype:
 // "bf16" | "fp32". Streams shard by shard: host memory peaks near one shard.
 // Deterministic in `seed`. Throws std::runtime_error.
 void InitModel(const std::string& preset, const std::string& tokenizer_dir,
