@@ -66,10 +66,10 @@ void InstallSignalHandlers() {
   sigaction(SIGINT, &sa, nullptr);
 }
 
-// NaN policy exhausted (exit 4); `details` goes into the error event.
-class NanAbortError : public std::runtime_error {
+// A failure whose `details` go into the error event next to the message.
+class DetailedError : public std::runtime_error {
  public:
-  NanAbortError(const std::string& message, nlohmann::json details)
+  DetailedError(const std::string& message, nlohmann::json details)
       : std::runtime_error(message), details_(std::move(details)) {}
   const nlohmann::json& details() const { return details_; }
 
@@ -77,29 +77,31 @@ class NanAbortError : public std::runtime_error {
   nlohmann::json details_;
 };
 
-// Device memory exhaustion that does not arrive as c10::OutOfMemoryError:
-// cuBLAS handle/workspace creation (CUBLAS_STATUS_ALLOC_FAILED), a raw CUDA
-// allocation in a kernel library (cudaErrorMemoryAllocation, "out of
-// memory"), libtorch's CPU allocator ("DefaultCPUAllocator: not enough
-// memory"). None is a sticky CUDA error, so the step can be redone.
-bool IsDeviceOutOfMemory(const c10::Error& e) {
+// NaN policy exhausted (exit 4); details: the diagnosis.
+class NanAbortError : public DetailedError {
+ public:
+  using DetailedError::DetailedError;
+};
+
+// Memory exhaustion that does not arrive as c10::OutOfMemoryError: cuBLAS
+// handle/workspace creation (CUBLAS_STATUS_ALLOC_FAILED, "the resource
+// allocation failed"), a CUDA allocation inside our kernels (cuda_ops reports
+// the kernel's status text: "out of memory"), libtorch's CPU allocator
+// ("DefaultCPUAllocator: not enough memory"). None is a sticky CUDA error, so
+// the step can be redone. The one place that classifies these messages.
+bool IsOutOfMemory(const c10::Error& e) {
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr) return true;
   const std::string m = e.what_without_backtrace();
   return m.find("out of memory") != std::string::npos || m.find("not enough memory") != std::string::npos ||
          m.find("ALLOC_FAILED") != std::string::npos ||
          m.find("cudaErrorMemoryAllocation") != std::string::npos ||
-         m.find("resource allocation failed") != std::string::npos;
+         m.find("allocation failed") != std::string::npos;
 }
 
-// OOM with nothing left to step down to (exit 3); `details` holds the plan
-// that failed.
-class OomExhaustedError : public std::runtime_error {
+// OOM with nothing left to step down to (exit 3); details: the plan that failed.
+class OomExhaustedError : public DetailedError {
  public:
-  OomExhaustedError(const std::string& message, nlohmann::json details)
-      : std::runtime_error(message), details_(std::move(details)) {}
-  const nlohmann::json& details() const { return details_; }
-
- private:
-  nlohmann::json details_;
+  using DetailedError::DetailedError;
 };
 
 // PYTORCH_CUDA_ALLOC_CONF is read once, at the caching allocator's first
@@ -183,30 +185,23 @@ VramStats ReadVram(const torch::Device& device) {
   return v;
 }
 
-int64_t DeviceMemoryBytes(const torch::Device& device) {
-#ifdef TUNE_TORCH_CUDA
-  if (device.is_cuda()) {
-    size_t free_b = 0, total_b = 0;
-    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) return static_cast<int64_t>(total_b);
-    return 0;
-  }
-#endif
-  return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
-}
+// Total and free memory of the device: cudaMemGetInfo on the current
+// (cuda:LOCAL_RANK) device, or the host's RAM and MemAvailable on CPU.
+struct DeviceMemory {
+  int64_t total = 0;
+  int64_t free = 0;
+};
 
-// Memory the planner may plan with: free device memory (capped by
-// faults.gpu_memory_cap_gb, which caps the allocator), or MemAvailable on CPU.
-int64_t FreeMemoryBytes(const torch::Device& device, double cap_gb) {
+DeviceMemory QueryDeviceMemory(const torch::Device& device) {
 #ifdef TUNE_TORCH_CUDA
   if (device.is_cuda()) {
     size_t free_b = 0, total_b = 0;
-    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return 0;
-    int64_t free_bytes = static_cast<int64_t>(free_b);
-    if (cap_gb > 0) free_bytes = std::min<int64_t>(free_bytes, static_cast<int64_t>(cap_gb * (1 << 30)));
-    return free_bytes;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return {};
+    return {static_cast<int64_t>(total_b), static_cast<int64_t>(free_b)};
   }
 #endif
-  return plan::HostMemAvailableBytes();
+  return {static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE)),
+          plan::HostMemAvailableBytes()};
 }
 
 std::string LoraWhere(const std::string& name) {
@@ -381,7 +376,6 @@ void Trainer::Setup() {
   LoadData();
   PlanMemory();
   LoadModel();
-  model_->SetActivationOffload(cfg_.gradient_checkpointing && cfg_.activation_offload);
   optimizer_ = std::make_unique<AdamW>(
       [&] {
         std::vector<torch::Tensor> params;
@@ -435,6 +429,7 @@ void Trainer::LoadModel() {
   const auto t0 = Clock::now();
   model_ = model::LlamaForCausalLM::Load(cfg_.spec.model, opts);
   model_->SetGradientCheckpointing(cfg_.gradient_checkpointing);
+  model_->SetActivationOffload(cfg_.gradient_checkpointing && cfg_.activation_offload);
   model_->SetTraining(true);
   lora_ = model_->LoraParameters();
   if (lora_.empty()) throw ConfigError("lora.targets selects no module of the model; nothing would train");
@@ -448,7 +443,11 @@ void Trainer::LoadModel() {
 void Trainer::PlanMemory() {
   namespace fs = std::filesystem;
   const model::LlamaConfig config = model::LlamaConfig::FromJsonFile((fs::path(cfg_.spec.model) / "config.json").string());
-  int64_t free_bytes = FreeMemoryBytes(device_, cfg_.use_cuda ? cfg_.spec.faults.gpu_memory_cap_gb : 0);
+  // Memory the planner may plan with; faults.gpu_memory_cap_gb caps the allocator, so the plan too.
+  int64_t free_bytes = QueryDeviceMemory(device_).free;
+  if (const double cap_gb = cfg_.spec.faults.gpu_memory_cap_gb; cfg_.use_cuda && cap_gb > 0) {
+    free_bytes = std::min<int64_t>(free_bytes, static_cast<int64_t>(cap_gb * (1 << 30)));
+  }
   if (!cfg_.use_cuda) {
     // CPU ranks of one host share its RAM, each holding a whole model.
     const char* local = std::getenv("LOCAL_WORLD_SIZE");
@@ -519,7 +518,7 @@ void Trainer::EmitPlan() {
       {"seq_len", plan_inputs_.seq_len},
       {"attention", plan::AttentionKernelName(plan_inputs_.attention)},
       {"fused_kernels", plan_inputs_.fused_kernels},
-      {"device_memory_bytes", DeviceMemoryBytes(device_)},
+      {"device_memory_bytes", QueryDeviceMemory(device_).total},
       {"max_steps", max_steps_},
       {"optimizer", cfg_.spec.training.optimizer},
       {"backend", comm_->backend()},
@@ -616,6 +615,8 @@ void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const s
   optimizer_->ZeroGrad();
   ReleaseCachedMemory(device_);
   const nlohmann::json failed = CurrentPlan();
+  const std::string text =
+      message.empty() ? std::to_string(ranks_oom) + " other rank(s) ran out of memory" : message;
   BatchPlan& b = cfg_.batch;
   std::string change;
   if (b.micro_batch_size > 1) {
@@ -636,20 +637,16 @@ void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const s
     model_->SetActivationOffload(true);
     change = "activation offload on";
   } else {
-    const std::string what = message.empty() ? std::to_string(ranks_oom) + " other rank(s) ran out of memory"
-                                             : message;
     throw OomExhaustedError(
         "out of memory at step " + std::to_string(step) + " with the smallest plan left (micro-batch 1 x grad-accum " +
             std::to_string(b.grad_accum) + " x " + std::to_string(cfg_.dist.world_size) +
             " rank(s), gradient checkpointing on, " + (cfg_.activation_offload ? "activation offload on, " : "") +
             cfg_.compute_dtype +
             ", max_seq_length " + std::to_string(cfg_.spec.dataset.max_seq_length) + " on " + device_.str() +
-            "): " + what +
+            "): " + text +
             ". Lower dataset.max_seq_length, use quantization.base: nf4, lower lora.r, or use a GPU with more memory",
         {{"step", step}, {"plan", failed}});
   }
-  const std::string text =
-      message.empty() ? std::to_string(ranks_oom) + " other rank(s) ran out of memory" : message;
   if (IsRoot()) {
     // One event per recovery (all ranks take the same decision); the server
     // counts these into tune_oom_recoveries_total.
@@ -742,7 +739,7 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
     } catch (const c10::Error& e) {
       // c10::OutOfMemoryError (the caching allocator) or an allocation failure
       // reported as a CUDA/cuBLAS error; anything else is not ours to retry.
-      if (dynamic_cast<const c10::OutOfMemoryError*>(&e) == nullptr && !IsDeviceOutOfMemory(e)) throw;
+      if (!IsOutOfMemory(e)) throw;
       // The failed micro-batch's tensors are gone with the unwound scope; the
       // remaining micro-batches are skipped and this rank goes straight to
       // the collective below so no rank waits for it.
