@@ -201,6 +201,11 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
     }
     singles.push_back(std::move(ex));
   };
+  // An example with no supervised token is dropped and counted; the first few say why.
+  auto drop = [&](int line, const std::string& why) {
+    ++c.dropped_no_supervised;
+    if (c.dropped_examples.size() < kReportedBadLines) c.dropped_examples.push_back({{"line", line}, {"reason", why}});
+  };
 
   for (const RawExample& raw : data.examples) {
     if (data.format == DatasetFormat::kTokens) {
@@ -230,11 +235,7 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
         }
       }
       if (supervised == 0) {
-        ++c.dropped_no_supervised;
-        if (c.dropped_examples.size() < kReportedBadLines) {
-          c.dropped_examples.push_back(
-              {{"line", raw.line}, {"reason", "no supervised token (one id only, or labels[1:] all -100)"}});
-        }
+        drop(raw.line, "no supervised token (one id only, or labels[1:] all -100)");
         continue;
       }
       accept(std::move(ex), supervised, raw.line);
@@ -331,15 +332,11 @@ PreparedDataset PrepareFromStream(std::istream& in, const DataOptions& opts, con
       }
     }
     if (supervised == 0) {
-      ++c.dropped_no_supervised;
-      if (c.dropped_examples.size() < kReportedBadLines) {
-        std::string why = was_truncated ? "no supervised token left after truncation to max_seq_length "
-                                          "(the prompt is longer than max_seq_length)"
-                          : assistant_turns == 0 && !all && data.format != DatasetFormat::kText
-                              ? "no assistant turn (nothing to supervise with train_on: completions)"
-                              : "no supervised token";
-        c.dropped_examples.push_back({{"line", raw.line}, {"reason", why}});
-      }
+      drop(raw.line, was_truncated ? "no supervised token left after truncation to max_seq_length "
+                                     "(the prompt is longer than max_seq_length)"
+                     : assistant_turns == 0 && !all && data.format != DatasetFormat::kText
+                         ? "no assistant turn (nothing to supervise with train_on: completions)"
+                         : "no supervised token");
       continue;
     }
     if (bos_removed > 0 || bos_added) ++c.bos_fixed;
