@@ -40,6 +40,7 @@
 #include "worker/trainer/export/peft_export.h"
 #include "worker/trainer/logger.h"
 #include "worker/trainer/model/llama.h"
+#include "worker/trainer/model/llama_ops.h"
 #include "worker/trainer/model/cuda_ops.h"
 #include "worker/trainer/plan/memory_plan.h"
 #include "worker/trainer/train/collate.h"
@@ -293,6 +294,11 @@ void Trainer::SetupDevice() {
                         " but no CUDA device is usable (or this libtorch has no CUDA); use resources.cpu_ranks "
                         "to train on CPU");
     }
+    // TUNE_DISABLE_CUDNN_ATTENTION=1 keeps torch's own order (flash first), for A/B runs.
+    const char* no_cudnn = std::getenv("TUNE_DISABLE_CUDNN_ATTENTION");
+    if (!(no_cudnn != nullptr && std::string(no_cudnn) == "1") && model::ops::PreferCudnnAttention()) {
+      LogInfo("attention: SDPA with cuDNN first");
+    }
     const int count = static_cast<int>(torch::cuda::device_count());
     if (cfg_.device_index >= count) {
       throw ConfigError("LOCAL_RANK=" + std::to_string(cfg_.device_index) + " but only " + std::to_string(count) +
@@ -426,6 +432,7 @@ void Trainer::LoadModel() {
   opts.lora.targets = cfg_.spec.lora.targets;
   opts.lora.rslora = cfg_.spec.lora.rslora;
   opts.seed = static_cast<uint64_t>(cfg_.spec.training.seed);
+  opts.host_embedding = cfg_.gradient_checkpointing && cfg_.activation_offload;  // see SetActivationOffload
   const auto t0 = Clock::now();
   model_ = model::LlamaForCausalLM::Load(cfg_.spec.model, opts);
   model_->SetGradientCheckpointing(cfg_.gradient_checkpointing);

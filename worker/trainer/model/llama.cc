@@ -6,12 +6,13 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <mutex>
+#include <optional>
 #include <set>
 #include <stdexcept>
 
 #include "worker/trainer/model/cuda_ops.h"
 #include "worker/trainer/model/llama_ops.h"
+#include "worker/trainer/model/offload.h"
 #include "worker/trainer/model/safetensors.h"
 
 namespace tune::model {
@@ -19,11 +20,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// Keeps an NF4 weight reachable from an autograd node (saved_data holds IValues).
-struct Nf4Holder : torch::CustomClassHolder {
-  nf4::Nf4Tensor weight;
-};
 
 // The dense copy of an NF4 weight for one matmul: the fused CUDA kernel on
 // bf16 CUDA weights (bit-identical to nf4::Dequantize), torch ops otherwise.
@@ -36,23 +32,62 @@ torch::Tensor DequantizeForMatmul(const nf4::Nf4Tensor& w, torch::ScalarType dty
   return nf4::Dequantize(w, dtype);
 }
 
-// y = x @ dequant(W)^T. Only the quantised weight is kept for backward, where
-// it is dequantised again: the full-precision copy lives only during each
-// matmul. W is frozen, so no weight gradient is computed.
-class Nf4MatmulFunction : public torch::autograd::Function<Nf4MatmulFunction> {
+// A frozen base weight reachable from an autograd node (saved_data holds
+// IValues): NF4, dequantised for each matmul and again in backward so only
+// the quantised form stays alive, or dense in the compute dtype.
+struct FrozenWeight : torch::CustomClassHolder {
+  std::optional<nf4::Nf4Tensor> nf4;
+  torch::Tensor dense;
+  torch::Tensor Get(torch::ScalarType dtype) const { return nf4 ? DequantizeForMatmul(*nf4, dtype) : dense; }
+};
+
+// y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x, as one autograd node.
+// The LoRA term and the residual are accumulated by the GEMMs themselves
+// (addmm), so no [N, out] temporary is written, scaled or added. W is frozen:
+// no weight gradient is computed. Backward: dx = g W, then dx += (s g B) A
+// in the same buffer; dB = g^T (s x A^T); dA = (s g B)^T x; the residual's
+// gradient is g. a/b (compute-dtype copies of the LoRA leaves) and residual
+// may be absent, passed as empty tensors (torch 1.13's autograd rejects
+// undefined inputs). LoRA dropout is not handled here (the caller composes).
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, c10::intrusive_ptr<Nf4Holder> w) {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor a, torch::Tensor b,
+                               torch::Tensor residual, c10::intrusive_ptr<FrozenWeight> w, double scaling) {
+    torch::Tensor dense = w->Get(x.scalar_type());
+    torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
+    torch::Tensor xa;
+    const bool lora = a.numel() > 0;
+    if (lora) {
+      xa = x.mm(a.t());
+      if (scaling != 1.0) xa.mul_(scaling);
+      y.addmm_(xa, b.t());
+    }
+    ctx->save_for_backward({lora ? x : a, a, b});
+    ctx->saved_data["xa"] = xa;
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
-    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    torch::Tensor dense = DequantizeForMatmul(w->weight, x.scalar_type());
-    return x.matmul(dense.t());
+    ctx->saved_data["scaling"] = scaling;
+    return y;
   }
+
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    auto capsule = ctx->saved_data["w"].toCapsule();
-    const auto& w = static_cast<Nf4Holder*>(capsule.get())->weight;
-    const auto dtype = static_cast<torch::ScalarType>(ctx->saved_data["dtype"].toInt());
-    torch::Tensor dense = DequantizeForMatmul(w, dtype);
-    return {grad_out[0].matmul(dense), torch::Tensor()};
+    variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &a = saved[1], &b = saved[2];
+    const torch::Tensor& g = grad_out[0];
+    torch::Tensor dx, da, db;
+    if (ctx->needs_input_grad(0)) {
+      auto capsule = ctx->saved_data["w"].toCapsule();
+      dx = g.mm(static_cast<FrozenWeight*>(capsule.get())->Get(g.scalar_type()));
+    }
+    if (a.numel() > 0) {
+      const double scaling = ctx->saved_data["scaling"].toDouble();
+      torch::Tensor dxa = g.mm(b);
+      if (scaling != 1.0) dxa.mul_(scaling);
+      if (ctx->needs_input_grad(2)) db = g.t().mm(ctx->saved_data["xa"].toTensor());
+      if (ctx->needs_input_grad(1)) da = dxa.t().mm(x);
+      if (dx.defined()) dx.addmm_(dxa, a);
+    }
+    torch::Tensor dres = ctx->needs_input_grad(3) ? g : torch::Tensor();
+    return {dx, da, db, dres, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -123,21 +158,30 @@ void LinearWithLora::EnableLora(const LoraOptions& lora, torch::Device device, a
   dropout_ = lora.dropout;
 }
 
-torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training) const {
+torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual) const {
+  auto w = c10::make_intrusive<FrozenWeight>();
+  w->nf4 = nf4_;  // shares the tensors
+  w->dense = weight_;
+  const torch::Tensor absent = torch::empty({0}, x.options().requires_grad(false));
+  torch::Tensor x2 = x.reshape({-1, in_});
+  torch::Tensor r2 = residual.defined() ? residual.reshape({-1, out_}) : absent;
+  const bool lora = lora_a_.defined(), dropout = lora && training && dropout_ > 0;
+  torch::Tensor a = lora ? lora_a_.to(x.scalar_type()) : absent;
+  torch::Tensor b = lora ? lora_b_.to(x.scalar_type()) : absent;
   torch::Tensor y;
-  if (nf4_) {
-    auto holder = c10::make_intrusive<Nf4Holder>();
-    holder->weight = *nf4_;  // shares the tensors
-    y = Nf4MatmulFunction::apply(x, holder);
+  if (!dropout) {
+    y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_);
   } else {
-    y = torch::linear(x, weight_);
+    // The LoRA branch sees dropout(x): composed from autograd ops, with the
+    // update still accumulated into the base output in place.
+    y = LoraLinearFunction::apply(x2, absent, absent, r2, w, 1.0);
+    torch::Tensor xa = torch::linear(torch::dropout(x2, dropout_, /*train=*/true), a);
+    if (scaling_ != 1.0) xa = xa * scaling_;
+    y.addmm_(xa, b.t());
   }
-  if (lora_a_.defined()) {
-    torch::Tensor h = (training && dropout_ > 0) ? torch::dropout(x, dropout_, /*train=*/true) : x;
-    torch::Tensor a = lora_a_.to(x.scalar_type()), b = lora_b_.to(x.scalar_type());
-    y = y + torch::linear(torch::linear(h, a), b) * scaling_;
-  }
-  return y;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out_;
+  return y.view(shape);
 }
 
 int64_t LinearWithLora::StorageBytes() const {
@@ -218,12 +262,13 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
   const int64_t H = config.hidden_size, I = config.intermediate_size, V = config.vocab_size;
   const int64_t q_dim = int64_t{config.num_attention_heads} * config.head_dim;
   const int64_t kv_dim = int64_t{config.num_key_value_heads} * config.head_dim;
-  auto dense = [&](const std::string& name, const std::vector<int64_t>& shape) {
+  auto dense = [&](const std::string& name, const std::vector<int64_t>& shape, torch::Device where) {
     torch::Tensor t = get(name);
     CheckShape(t, shape, name);
-    return OwnedCopy(t, opts.device, cdt);
+    return OwnedCopy(t, where, cdt);
   };
-  m->embed_ = dense("model.embed_tokens.weight", {V, H});
+  const bool host_embed = opts.host_embedding && !config.tie_word_embeddings;
+  m->embed_ = dense("model.embed_tokens.weight", {V, H}, host_embed ? torch::Device(torch::kCPU) : opts.device);
   m->layers_.resize(config.num_hidden_layers);
   std::map<std::string, std::vector<int64_t>> shapes = {
       {"q_proj", {q_dim, H}},    {"k_proj", {kv_dim, H}}, {"v_proj", {kv_dim, H}}, {"o_proj", {H, q_dim}},
@@ -231,8 +276,8 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
   for (int i = 0; i < config.num_hidden_layers; ++i) {
     DecoderLayer& layer = m->layers_[i];
     const std::string p = LayerPrefix(i);
-    layer.input_layernorm = dense(p + "input_layernorm.weight", {H});
-    layer.post_attention_layernorm = dense(p + "post_attention_layernorm.weight", {H});
+    layer.input_layernorm = dense(p + "input_layernorm.weight", {H}, opts.device);
+    layer.post_attention_layernorm = dense(p + "post_attention_layernorm.weight", {H}, opts.device);
     for (const auto& mod : all) {
       const std::string name = p + ModulePath(mod) + ".weight";
       torch::Tensor w = get(name);
@@ -240,11 +285,11 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
       layer.Linear(mod)->SetBase(w, opts);
     }
   }
-  m->norm_ = dense("model.norm.weight", {H});
+  m->norm_ = dense("model.norm.weight", {H}, opts.device);
   if (config.tie_word_embeddings) {
     m->lm_head_ = m->embed_;
   } else {
-    m->lm_head_ = dense("lm_head.weight", {V, H});
+    m->lm_head_ = dense("lm_head.weight", {V, H}, opts.device);
   }
   m->inv_freq_ = ops::RopeInvFreq(config).to(opts.device);
 
@@ -274,13 +319,33 @@ torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::T
   torch::Tensor v = layer.v_proj.Forward(h, training_).view({B, T, hkv, d}).transpose(1, 2);
   q = ops::ApplyRope(q, cos, sin);
   k = ops::ApplyRope(k, cos, sin);
+  // SDPA picks cuDNN for this layout and for all-contiguous or all-[B, T,
+  // heads, d] inputs alike, at the same speed (bench/sdpa_backends.py --layouts).
   torch::Tensor a = ops::Attention(q, k, v.contiguous(), segment_ids);
   a = a.transpose(1, 2).reshape({B, T, hq * d});
-  torch::Tensor r = x + layer.o_proj.Forward(a, training_);
+  torch::Tensor r = layer.o_proj.Forward(a, training_, /*residual=*/x);
   h = ops::RmsNorm(r, layer.post_attention_layernorm, eps);
-  torch::Tensor mlp = layer.down_proj.Forward(
-      cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_), layer.up_proj.Forward(h, training_)), training_);
-  return r + mlp;
+  torch::Tensor act = cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_), layer.up_proj.Forward(h, training_));
+  return layer.down_proj.Forward(act, training_, /*residual=*/r);
+}
+
+bool LlamaForCausalLM::embedding_on_host() const { return embed_.is_cpu() && !opts_.device.is_cpu(); }
+
+void LlamaForCausalLM::SetActivationOffload(bool on) {
+  offload_ = on;
+  // The input embedding is only gathered from: with offload on a GPU and an
+  // untied head it stays in host memory (a tied one is also the LM head).
+  const bool host = on && opts_.device.is_cuda() && !config_.tie_word_embeddings;
+  if (host == embedding_on_host()) return;
+  torch::NoGradGuard no_grad;
+  embed_ = embed_.to(host ? torch::Device(torch::kCPU) : opts_.device);
+}
+
+torch::Tensor LlamaForCausalLM::Embed(const torch::Tensor& input_ids) const {
+  if (!embedding_on_host()) return torch::embedding(embed_, input_ids.to(opts_.device));
+  // Gather the rows on the host, then one pinned copy to the device.
+  torch::Tensor rows = torch::embedding(embed_, input_ids.to(torch::kCPU));
+  return rows.pin_memory().to(opts_.device, /*non_blocking=*/true);
 }
 
 torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, const torch::Tensor& position_ids,
@@ -295,12 +360,14 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     throw std::invalid_argument("ForwardHidden: segment_ids must be [B,T] like input_ids");
   }
   const torch::Device dev = opts_.device;
-  torch::Tensor ids = input_ids.to(dev);
   torch::Tensor pos = position_ids.to(dev, torch::kInt64);
   torch::Tensor seg = segment_ids.defined() ? segment_ids.to(dev, torch::kInt64) : torch::Tensor();
-  torch::Tensor h = torch::embedding(embed_, ids);
+  torch::Tensor h = Embed(input_ids);
   auto [cos, sin] = ops::RopeCosSin(inv_freq_, pos, opts_.compute_dtype);
   const bool checkpoint = checkpointing_ && torch::GradMode::is_enabled();
+  // Offload: layer inputs wait in host memory, copied on a side stream.
+  std::optional<HostOffloader> offloader;
+  if (checkpoint && offload_ && dev.is_cuda()) offloader.emplace(dev);
   for (auto& layer : layers_) {
     if (!checkpoint) {
       h = LayerForward(layer, h, cos, sin, seg);
@@ -319,37 +386,7 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     auto fn = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
       return LayerForward(*lp, x, cos, sin, seg);
     };
-    if (offload_ && h.is_cuda()) {
-      // The checkpoint saves its input; hand it a host copy and let the
-      // layer fetch it back. Both copies are ordered on the current stream.
-      torch::Tensor host =
-          torch::empty(h.sizes(), h.options().device(torch::kCPU).pinned_memory(true).requires_grad(false));
-      host.copy_(h, /*non_blocking=*/true);
-      // ops::Checkpoint replays the RNG of its input's device, the host here;
-      // LoRA dropout draws on `dev`, so its state is kept and replayed here.
-      auto rng = std::make_shared<torch::Tensor>();
-      auto fetch = [this, lp, cos = cos, sin = sin, seg, dev, rng](const torch::Tensor& x) {
-        at::Generator gen = at::globalContext().defaultGenerator(dev);
-        if (!torch::GradMode::is_enabled()) {  // the forward pass
-          std::lock_guard<std::mutex> lock(gen.mutex());
-          *rng = gen.get_state();
-          return LayerForward(*lp, x.to(dev, /*non_blocking=*/true), cos, sin, seg);
-        }
-        torch::Tensor caller;  // the recompute in backward
-        {
-          std::lock_guard<std::mutex> lock(gen.mutex());
-          caller = gen.get_state();
-          gen.set_state(*rng);
-        }
-        torch::Tensor out = LayerForward(*lp, x.to(dev, /*non_blocking=*/true), cos, sin, seg);
-        std::lock_guard<std::mutex> lock(gen.mutex());
-        gen.set_state(caller);
-        return out;
-      };
-      h = ops::Checkpoint(fetch, host, params);
-      continue;
-    }
-    h = ops::Checkpoint(fn, h, params);
+    h = ops::Checkpoint(fn, h, params, offloader ? offloader->NewStash() : nullptr);
   }
   return ops::RmsNorm(h, norm_, config_.rms_norm_eps);
 }
@@ -410,7 +447,8 @@ int64_t LlamaForCausalLM::NumLoraParameters() {
 }
 
 int64_t LlamaForCausalLM::BaseStorageBytes() const {
-  int64_t b = embed_.numel() * embed_.element_size() + norm_.numel() * norm_.element_size();
+  int64_t b = norm_.numel() * norm_.element_size();
+  if (!embedding_on_host()) b += embed_.numel() * embed_.element_size();
   if (!config_.tie_word_embeddings) b += lm_head_.numel() * lm_head_.element_size();
   for (const auto& layer : layers_) {
     b += (layer.input_layernorm.numel() + layer.post_attention_layernorm.numel()) * layer.input_layernorm.element_size();

@@ -39,6 +39,9 @@ struct LoadOptions {
   torch::Device device = torch::kCPU;
   torch::ScalarType compute_dtype = torch::kBFloat16;  // kFloat32 allowed (CPU exact tests)
   LoraOptions lora;
+  // Load an untied input embedding into host memory (activation offload on a
+  // GPU, see SetActivationOffload), so it never occupies the device.
+  bool host_embedding = false;
   uint64_t seed = 0;  // LoRA A init (kaiming-uniform a=sqrt(5) like PEFT); B = 0
 };
 
@@ -48,7 +51,9 @@ const std::vector<std::string>& LinearModuleNames();
 // A frozen linear y = x W^T whose weight is held either in compute dtype or as
 // NF4 (dequantised right before each matmul and again in backward; only the
 // quantised form is kept alive), plus an optional LoRA branch
-// (dropout(x) A^T B^T * scaling, A/B fp32 leaves cast to compute dtype).
+// (dropout(x) A^T B^T * scaling, A/B fp32 leaves cast to compute dtype). Base,
+// LoRA and residual run as one autograd node whose GEMMs accumulate in place
+// (llama.cc LoraLinearFunction); no weight gradient of W is ever computed.
 class LinearWithLora {
  public:
   LinearWithLora() = default;
@@ -56,7 +61,9 @@ class LinearWithLora {
   void SetBase(const torch::Tensor& weight, const LoadOptions& opts);
   // Creates A [r,in] (kaiming-uniform a=sqrt(5), from `gen`) and B [out,r] = 0.
   void EnableLora(const LoraOptions& lora, torch::Device device, at::Generator gen);
-  torch::Tensor Forward(const torch::Tensor& x, bool training) const;
+  // [residual +] x W^T [+ LoRA]; residual (optional) has the output's shape
+  // and is added inside the GEMM (the decoder's residual connections).
+  torch::Tensor Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual = {}) const;
   // Base weight in `dtype` (dequantised if NF4).
   torch::Tensor BaseWeight(torch::ScalarType dtype) const;
   bool has_lora() const { return lora_a_.defined(); }
@@ -114,10 +121,13 @@ class LlamaForCausalLM : public torch::nn::Module {
   void SetGradientCheckpointing(bool on) { checkpointing_ = on; }
   bool gradient_checkpointing() const { return checkpointing_; }
   // With checkpointing on a GPU: each checkpointed layer's input waits in
-  // pinned host memory (non-blocking copies) and comes back for the
-  // recompute in backward. On CPU the inputs are host memory already.
-  void SetActivationOffload(bool on) { offload_ = on; }
+  // pinned host memory (model/offload.h: copies on a side stream, prefetched
+  // one layer ahead in backward), and an untied input embedding table stays
+  // in host memory (rows gathered there, then copied). On CPU the inputs are
+  // host memory already and nothing moves.
+  void SetActivationOffload(bool on);
   bool activation_offload() const { return offload_; }
+  bool embedding_on_host() const;
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
 
   // LoRA parameters in a fixed order (layer, then module in
@@ -140,6 +150,7 @@ class LlamaForCausalLM : public torch::nn::Module {
 
  private:
   LlamaForCausalLM(LlamaConfig config, LoadOptions opts);
+  torch::Tensor Embed(const torch::Tensor& input_ids) const;
   torch::Tensor LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                              const torch::Tensor& sin, const torch::Tensor& segment_ids);
 

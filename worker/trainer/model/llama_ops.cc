@@ -16,9 +16,11 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kIgnoreIndex = -100;
 
-// Carries a std::function through AutogradContext::saved_data (an IValue map).
+// Carries a std::function (and the input's stash, if any) through
+// AutogradContext::saved_data (an IValue map).
 struct FnHolder : torch::CustomClassHolder {
   std::function<torch::Tensor(const torch::Tensor&)> fn;
+  std::shared_ptr<ActivationStash> stash;
 };
 
 torch::Tensor GeneratorState(torch::Device device) {
@@ -53,7 +55,12 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     ctx->saved_data["fn"] = c10::IValue::make_capsule(holder);
     ctx->saved_data["rng"] = GeneratorState(x.device());
     ctx->saved_data["x_requires_grad"] = x.requires_grad();
-    std::vector<torch::Tensor> to_save{x};
+    std::vector<torch::Tensor> to_save;
+    if (holder->stash) {
+      holder->stash->Put(x);
+    } else {
+      to_save.push_back(x);
+    }
     to_save.insert(to_save.end(), params.begin(), params.end());
     ctx->save_for_backward(to_save);
     torch::NoGradGuard no_grad;
@@ -65,8 +72,9 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     auto* fn_holder = static_cast<FnHolder*>(holder.get());
     const bool x_requires_grad = ctx->saved_data["x_requires_grad"].toBool();
     variable_list saved = ctx->get_saved_variables();
-    torch::Tensor x = saved[0].detach().requires_grad_(x_requires_grad);
-    std::vector<torch::Tensor> params(saved.begin() + 1, saved.end());
+    const bool stashed = fn_holder->stash != nullptr;
+    torch::Tensor x = (stashed ? fn_holder->stash->Take() : saved[0]).detach().requires_grad_(x_requires_grad);
+    std::vector<torch::Tensor> params(saved.begin() + (stashed ? 0 : 1), saved.end());
 
     torch::Tensor out;
     {
@@ -199,6 +207,19 @@ torch::Tensor CausalSegmentMask(const torch::Tensor& segment_ids, int64_t T, tor
   return torch::logical_and(same, causal.unsqueeze(0)).unsqueeze(1);
 }
 
+bool PreferCudnnAttention() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+  std::vector<int64_t> order{static_cast<int64_t>(at::SDPBackend::cudnn_attention)};
+  for (at::SDPBackend b : at::globalContext().sDPPriorityOrder()) {
+    if (b != at::SDPBackend::cudnn_attention) order.push_back(static_cast<int64_t>(b));
+  }
+  at::globalContext().setSDPPriorityOrder(order);
+  return true;
+#else
+  return false;
+#endif
+}
+
 torch::Tensor Attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& segment_ids, bool force_math) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), d = q.size(3), Hkv = k.size(1);
@@ -264,9 +285,10 @@ torch::Tensor ChunkedCrossEntropySum(const torch::Tensor& hidden, const torch::T
 }
 
 torch::Tensor Checkpoint(const std::function<torch::Tensor(const torch::Tensor&)>& fn, const torch::Tensor& x,
-                         const std::vector<torch::Tensor>& params) {
+                         const std::vector<torch::Tensor>& params, std::shared_ptr<ActivationStash> stash) {
   auto holder = c10::make_intrusive<FnHolder>();
   holder->fn = fn;
+  holder->stash = std::move(stash);
   return CheckpointFunction::apply(holder, x, at::TensorList(params));
 }
 

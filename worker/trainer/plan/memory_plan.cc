@@ -243,6 +243,8 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
 
   Breakdown b;
   b.weights = BaseWeightBytes(in);
+  // Offload keeps an untied input embedding in host memory (SetActivationOffload).
+  if (ckpt == Checkpointing::kOffload && !c.tie_word_embeddings) b.weights -= V * H * cb;
   b.lora = 8 * lora_params;  // fp32 params + fp32 grads
   b.optimizer = OptimizerStateBytes(in);
   b.workspace = in.cuda ? kCublasWorkspaces * kCublasWorkspaceBytes : 0;
@@ -272,8 +274,9 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
     // int64 packed indices + fp32 values; the fused kernel writes bf16 directly.
     dequant = (in.fused_kernels ? 2 : 8) * largest;
   }
-  // With offload the layer's input comes back to the device for the recompute.
-  const int64_t fetched = ckpt == Checkpointing::kOffload ? N * H * cb : 0;
+  // With offload the layer's input comes back to the device for the recompute,
+  // and the previous layer's input is already being prefetched (offload.h).
+  const int64_t fetched = ckpt == Checkpointing::kOffload ? 2 * N * H * cb : 0;
   const int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) +
                             MathAttentionTransientPerToken(in) * N;
   const int64_t layer_transient = dequant + N * cb * (H + I);

@@ -6,7 +6,8 @@
 //
 // The model is an account of what this trainer actually allocates (not a
 // generic QLoRA rule of thumb); each term names the code it mirrors:
-//   * weights    — LlamaForCausalLM::BaseStorageBytes: embeddings, lm_head
+//   * weights    — LlamaForCausalLM::BaseStorageBytes: embeddings (in host
+//                  memory with offload and an untied head), lm_head
 //                  (absent when tied) and RMSNorm weights in the compute
 //                  dtype; the seven linears of every layer as NF4 (nibbles
 //                  + fp32 absmax, or uint8 absmax + one fp32 scale per 256
@@ -27,7 +28,8 @@
 //                  fp32 + compute-dtype probabilities (heads x T per token).
 //                  With checkpointing only each layer's input is kept, plus
 //                  one layer's intermediates while it is recomputed; with
-//                  offload the inputs live in host memory instead.
+//                  offload the inputs live in host memory instead (two are
+//                  on the device in backward: the current and the prefetched).
 //   * logits     — ChunkedCrossEntropySum's backward, 1024 rows at a time:
 //                  a compute-dtype logits chunk, its fp32 copy and the fp32
 //                  softmax are alive together (C++ temporaries live to the end
@@ -49,7 +51,8 @@
 // Calibration (H200, torch 2.11): the llama3-8b preset at seq 2048, micro 1,
 // checkpointing on, NF4 double quant, adamw_8bit, LoRA r=16 all linears
 // measures 7.57 GiB peak allocated with the torch ops (predicted 7.566 GiB)
-// and 6.73 GiB with the fused kernels (predicted 6.73 GiB).
+// and 6.73 GiB with the fused kernels (predicted 6.73 GiB); with offload
+// 5.28 GiB (predicted 5.28 GiB).
 //
 // Reserved memory = allocated x (1 + kFragmentation), see memory_plan.cc.
 // Budget = free memory x safety margin (default 0.90). A plan fits when its
@@ -89,10 +92,11 @@ const char* AttentionKernelName(AttentionKernel k);  // "sdpa" | "sdpa_expand_kv
 // The kernel a torch build reaches (callers pass TORCH_VERSION_MAJOR/MINOR).
 AttentionKernel AttentionFor(int torch_major, int torch_minor);
 
-// Activation offload (llama.cc ForwardHidden, CUDA only): each checkpointed
-// layer's input waits in pinned host memory, so the device keeps no layer
-// inputs, only the one fetched back for the layer being recomputed. On CPU
-// "offload" is "on".
+// Activation offload (llama.cc ForwardHidden + offload.h, CUDA only): each
+// checkpointed layer's input waits in pinned host memory, so the device keeps
+// no layer inputs, only the one fetched back for the layer being recomputed
+// and the next one being prefetched; an untied input embedding stays in host
+// memory too. On CPU "offload" is "on".
 inline constexpr bool kActivationOffloadImplemented = true;
 
 // Rows of [chunk, vocab] logits ChunkedCrossEntropySum materialises

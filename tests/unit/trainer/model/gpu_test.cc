@@ -86,6 +86,40 @@ TEST(Gpu, SdpaMatchesExactAttention) {
   }
 }
 
+// The trainer prefers cuDNN's fused attention (ops::PreferCudnnAttention):
+// forward and all three input gradients against the exact fp32 math, causal
+// GQA at an odd length, and with a packing mask (which cuDNN may decline).
+TEST(Gpu, CudnnFirstAttentionMatchesExactIncludingGradients) {
+  if (!ops::PreferCudnnAttention()) GTEST_SKIP() << "torch < 2.6: no SDPA priority order";
+  torch::manual_seed(3);
+  const auto opt = torch::dtype(torch::kBFloat16).device(torch::kCUDA);
+  for (int64_t T : {77, 512}) {
+    torch::Tensor q0 = torch::randn({2, 32, T, 128}, opt), k0 = torch::randn({2, 8, T, 128}, opt),
+                  v0 = torch::randn({2, 8, T, 128}, opt), g = torch::randn({2, 32, T, 128}, opt);
+    torch::Tensor seg =
+        torch::floor_divide(torch::arange(T, torch::dtype(torch::kInt64).device(torch::kCUDA)), 50).repeat({2, 1});
+    for (bool packed : {false, true}) {
+      torch::Tensor s = packed ? seg : torch::Tensor();
+      auto run = [&](torch::ScalarType dt, bool math) {
+        torch::Tensor q = q0.to(dt).clone().requires_grad_(true), k = k0.to(dt).clone().requires_grad_(true),
+                      v = v0.to(dt).clone().requires_grad_(true);
+        torch::Tensor o = ops::Attention(q, k, v, s, math);
+        o.backward(g.to(dt));
+        return std::vector<torch::Tensor>{o.to(torch::kFloat32), q.grad().to(torch::kFloat32),
+                                          k.grad().to(torch::kFloat32), v.grad().to(torch::kFloat32)};
+      };
+      auto fast = run(torch::kBFloat16, false), exact = run(torch::kFloat32, true);
+      const char* what[] = {"output", "dq", "dk", "dv"};
+      for (int i = 0; i < 4; ++i) {
+        const float scale = exact[i].abs().max().item<float>();
+        ASSERT_GT(scale, 0.0f) << what[i];
+        EXPECT_LT((fast[i] - exact[i]).abs().max().item<float>(), 0.03 * scale)
+            << what[i] << " T=" << T << " packed=" << packed;
+      }
+    }
+  }
+}
+
 TEST(Gpu, Nf4OnDeviceEqualsHost) {
   torch::manual_seed(1);
   torch::Tensor w = torch::randn({300, 128}).to(torch::kBFloat16);
@@ -136,6 +170,60 @@ TEST(Gpu, CheckpointingReplaysCudaDropout) {
   };
   auto g0 = run(false), g1 = run(true);
   for (size_t i = 0; i < g0.size(); ++i) EXPECT_TRUE(torch::allclose(g0[i], g1[i], 1e-4, 1e-6)) << i;
+}
+
+// gradient_checkpointing: offload. Layer inputs go to pinned host memory on a
+// side stream and come back prefetched; the untied embedding stays on the
+// host. Same loss and gradients as checkpointing on the device (with CUDA
+// dropout replayed), less device memory, and back on the device when off.
+TEST(Gpu, OffloadMatchesOnDeviceCheckpointing) {
+  LlamaConfig c = SmallConfig();
+  c.hidden_size = 256;
+  c.intermediate_size = 512;
+  c.head_dim = 64;
+  c.num_hidden_layers = 6;
+  LoadOptions o = Fp32Options("nf4");
+  o.device = torch::kCUDA;
+  o.lora.dropout = 0.3;
+  auto m = BuildModel(c, RandomWeights(c, 8), o);
+  RandomizeLora(*m, 9);
+  const int64_t B = 4, T = 1024;
+  torch::Tensor ids = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
+  torch::Tensor pos = torch::arange(T, torch::kInt64).repeat({B, 1});
+  torch::Tensor labels = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
+  auto run = [&](bool offload, double* loss, double* peak) {
+    m->SetGradientCheckpointing(true);
+    m->SetActivationOffload(offload);
+    for (auto& [n, p] : m->LoraParameters()) p.mutable_grad().reset();
+    torch::cuda::synchronize();
+    ResetPeak();
+    const double base = AllocatedGiB();
+    torch::manual_seed(78);
+    torch::Tensor l = m->LossSum(m->ForwardHidden(ids, pos), labels, 256);
+    l.backward();
+    torch::cuda::synchronize();
+    *loss = l.item<double>();
+    *peak = PeakGiB() - base;
+    std::vector<torch::Tensor> g;
+    for (auto& [n, p] : m->LoraParameters()) g.push_back(p.grad().cpu());
+    return g;
+  };
+  double loss_on = 0, loss_off = 0, peak_on = 0, peak_off = 0;
+  auto g_on = run(false, &loss_on, &peak_on);
+  EXPECT_FALSE(m->embedding_on_host());
+  auto g_off = run(true, &loss_off, &peak_off);
+  EXPECT_TRUE(m->embedding_on_host());
+  EXPECT_NEAR(loss_on, loss_off, 1e-6 * std::abs(loss_on));
+  for (size_t i = 0; i < g_on.size(); ++i) EXPECT_TRUE(torch::allclose(g_on[i], g_off[i], 1e-4, 1e-6)) << i;
+#ifdef TUNE_GPU_TEST_HAVE_ALLOCATOR_STATS
+  // On the device all six fp32 layer inputs (B x T x H) are kept; offloaded
+  // at most two (the one recomputed, the one prefetched).
+  EXPECT_LT(peak_off, peak_on - 3.5 * (B * T * c.hidden_size * 4) / double(1 << 30)) << peak_on << " vs " << peak_off;
+#endif
+  std::printf("offload: loss %.6f vs %.6f, step peak above weights %.1f MiB vs %.1f MiB on the device\n", loss_off,
+              loss_on, peak_off * 1024, peak_on * 1024);
+  m->SetActivationOffload(false);
+  EXPECT_FALSE(m->embedding_on_host());
 }
 
 // Llama-3-8B shapes, 2 layers: NF4 base, bf16 compute, seq 2048, checkpointing.

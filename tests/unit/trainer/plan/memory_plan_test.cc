@@ -188,51 +188,81 @@ TEST(MemoryPlanTest, ChoosesSplitPerGpuSize) {
   }
 }
 
-TEST(MemoryPlanTest, EightGigabytesIsShortAndSaysWhy) {
-  // Persistent memory alone is 6,190,146,432 x 1.1 = 6.81e9 of a 7,247,757,312
-  // budget; micro 1 with checkpointing needs 8,124,228,480 x 1.1.
+// The untied input embedding (128,256 x 4096 bf16).
+constexpr int64_t kEmbedding = 128256LL * 4096 * 2;  // 1,050,673,152
+
+TEST(MemoryPlanTest, EightGigabytesFitsWithOffload) {
+  static_assert(kEmbedding == 1050673152);
+  // Micro 1 with checkpointing on needs 8,124,228,480 x 1.1 of a
+  // 7,247,757,312 budget. Offload keeps the layer inputs and the untied
+  // embedding in host memory: persistent 6,190,146,432 - 1,050,673,152 =
+  // 5,139,473,280, peak in the cross-entropy backward + 50,331,648 (final
+  // norm) + 33,538,048 (rows) + 1,313,341,440 (chunk) = 6,536,684,416; x 1.1 =
+  // 7,190,352,858 -> 3429 x 2 MiB = 7,191,134,208 reserved, fits by 56,623,104.
   EXPECT_FALSE(Fits(8124228480, 8));
   const MemoryPlan p = ChoosePlan(Job8B(Card(8)));
+  EXPECT_TRUE(p.fits) << p.reason;
+  EXPECT_EQ(p.micro_batch_size, 1);
+  EXPECT_EQ(p.grad_accum, 16);
+  EXPECT_EQ(p.checkpointing, Checkpointing::kOffload);
+  EXPECT_EQ(p.breakdown.weights, 5702296448LL - kEmbedding);
+  EXPECT_EQ(p.breakdown.peak_allocated, 6536684416LL);
+  EXPECT_EQ(p.breakdown.reserved, 3429 * 2 * kMiB);
+  EXPECT_EQ(Budget(8) - p.breakdown.reserved, 56623104LL);
+}
+
+TEST(MemoryPlanTest, SixGigabytesIsShortAndSaysWhy) {
+  const MemoryPlan p = ChoosePlan(Job8B(Card(6)));
   EXPECT_FALSE(p.fits);
   EXPECT_EQ(p.micro_batch_size, 1);  // the smallest plan: micro 1 + offload
   EXPECT_EQ(p.grad_accum, 16);
   EXPECT_EQ(p.checkpointing, Checkpointing::kOffload);
-  EXPECT_EQ(p.shortfall_bytes, p.breakdown.reserved - Budget(8));
-  // Offload, micro 1: 7,587,357,568 allocated (see the 9 GiB case), x 1.1 =
-  // 8,346,093,325 rounded up to 2 MiB = 3980 x 2 MiB = 8,346,664,960 reserved;
-  // budget 0.9 x 7.5 GiB = 7,247,757,312 -> short by 1,098,907,648.
-  EXPECT_EQ(p.breakdown.peak_allocated, 7587357568LL);
-  EXPECT_EQ(p.breakdown.reserved, 3980 * 2 * kMiB);
-  EXPECT_EQ(p.shortfall_bytes, 1098907648LL);
-  // No sequence length helps: persistent memory plus one dequantised
-  // 14336x4096 weight (8 x 58,720,256) is 6,659,908,480 x 1.1 > the budget.
-  EXPECT_FALSE(Fits(6190146432LL + 469762048LL, 8));
+  // 7,191,134,208 reserved (above) against 0.9 x 5.5 GiB = 5,315,022,028.
+  EXPECT_EQ(p.breakdown.reserved, 3429 * 2 * kMiB);
+  EXPECT_EQ(p.shortfall_bytes, 3429 * 2 * kMiB - Budget(6));
+  // No sequence length helps: persistent memory with offload plus one
+  // dequantised 14336x4096 weight (8 x 58,720,256) is 5,609,235,328 x 1.1 > the budget.
+  EXPECT_FALSE(Fits(6190146432LL - kEmbedding + 469762048LL, 6));
   EXPECT_EQ(p.fix.find("dataset.max_seq_length"), std::string::npos) << p.fix;
   EXPECT_NE(p.fix.find("GPU with at least"), std::string::npos) << p.fix;
-  EXPECT_NE(FormatPlan(Job8B(Card(8)), p).find("DOES NOT FIT"), std::string::npos);
+  EXPECT_NE(FormatPlan(Job8B(Card(6)), p).find("DOES NOT FIT"), std::string::npos);
 }
 
-TEST(MemoryPlanTest, NineGigabytesFitsWithShorterSequences) {
-  // Budget 0.9 x 8.5 GiB = 8,214,191,718. seq 1024, micro 1: 6,190,146,432
+TEST(MemoryPlanTest, NineGigabytesWithCheckpointingOnNeedsShorterSequences) {
+  // Budget 0.9 x 8.5 GiB = 8,214,191,718. Checkpointing on, seq 2048, micro 1:
+  // PeakOn(1) = 7,669,900,160, x 1.1 too big. seq 1024: 6,190,146,432
   // + 268,435,456 (inputs) + 25,165,824 (final norm) + 16,760,832 (rows)
   // + 1,313,341,440 (chunk) = 7,813,849,984, x 1.1 too big. seq 512: the chunk
   // shrinks to 511 rows: 134,217,728 + 12,582,912 + 8,372,224 + 655,388,160
-  // -> 7,000,707,456 x 1.1 fits. Offload (the smallest plan) drops the layer
-  // inputs: seq 2048 needs 6,190,146,432 + 50,331,648 + 33,538,048
-  // + 1,313,341,440 = 7,587,357,568 x 1.1, too big; seq 1024 7,545,414,528
-  // too; seq 512 6,866,489,728 fits.
+  // -> 7,000,707,456 x 1.1 fits. Offload at seq 2048 (6,536,684,416) fits
+  // too, and is what auto picks; at seq 512 it needs 7,000,707,456 - 134,217,728
+  // (inputs) - 1,050,673,152 (embedding) = 5,815,816,576.
+  EXPECT_FALSE(Fits(PeakOn(1), 9));
   EXPECT_FALSE(Fits(7813849984LL, 9));
   EXPECT_TRUE(Fits(7000707456LL, 9));
-  EXPECT_FALSE(Fits(7587357568LL, 9));
-  EXPECT_FALSE(Fits(7545414528LL, 9));
-  EXPECT_TRUE(Fits(6866489728LL, 9));
+  EXPECT_TRUE(Fits(6536684416LL, 9));
   PlanInputs shorter = Job8B(0);
   shorter.seq_len = 512;
   EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOn).peak_allocated, 7000707456LL);
-  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOffload).peak_allocated, 6866489728LL);
-  const MemoryPlan p = ChoosePlan(Job8B(Card(9)));
+  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOffload).peak_allocated, 5815816576LL);
+  PlanInputs on = Job8B(Card(9));
+  on.checkpointing = "on";
+  const MemoryPlan p = ChoosePlan(on);
   EXPECT_FALSE(p.fits);
   EXPECT_NE(p.fix.find("lower dataset.max_seq_length to 512"), std::string::npos) << p.fix;
+  EXPECT_NE(p.fix.find("gradient_checkpointing: auto"), std::string::npos) << p.fix;
+  // Auto: offload, and micro 2 fits there: its layer backward needs
+  // PeakOn(2) - 2 x 536,870,912 + 2 x 2 x 16,777,216 - 1,050,673,152 =
+  // 6,619,964,288 and its cross-entropy backward 5,139,473,280 + 2 x (50,331,648
+  // + 33,538,048) + 1,313,341,440 = 6,620,554,112 (x 1.1 fits); micro 4's layer
+  // backward, 7,628,071,808 x 1.1, does not.
+  EXPECT_TRUE(Fits(6620554112LL, 9));
+  EXPECT_FALSE(Fits(PeakOn(4) - 4 * 536870912LL + 4 * 16777216LL * 2 - kEmbedding, 9));
+  EXPECT_EQ(PlanFor(Job8B(0), 2, Checkpointing::kOffload).peak_allocated, 6620554112LL);
+  const MemoryPlan a = ChoosePlan(Job8B(Card(9)));
+  EXPECT_TRUE(a.fits);
+  EXPECT_EQ(a.checkpointing, Checkpointing::kOffload);
+  EXPECT_EQ(a.micro_batch_size, 2);
 }
 
 TEST(MemoryPlanTest, ExplicitValuesAreHonouredAndChecked) {
@@ -254,10 +284,12 @@ TEST(MemoryPlanTest, ExplicitValuesAreHonouredAndChecked) {
   in.micro_batch_size = 0;
   in.checkpointing = "on";  // largest micro-batch under "on"
   EXPECT_EQ(ChoosePlan(in).micro_batch_size, 8);
-  // Offload keeps no layer inputs on the device, only the one fetched back:
-  // micro 16 peaks in the layer backward at PeakOn(16) - 536,870,912 x 16 + 16,777,216 x 16.
+  // Offload keeps no layer inputs on the device, only the one fetched back and
+  // the one prefetched, and no embedding: micro 16 peaks in the layer backward
+  // at PeakOn(16) - 536,870,912 x 16 + 2 x 16,777,216 x 16 - 1,050,673,152.
   EXPECT_EQ(SavedActivationBytesPerToken(in, Checkpointing::kOffload), 0);
-  EXPECT_EQ(PlanFor(in, 16, Checkpointing::kOffload).peak_allocated, PeakOn(16) - 536870912LL * 16 + 16777216LL * 16);
+  EXPECT_EQ(PlanFor(in, 16, Checkpointing::kOffload).peak_allocated,
+            PeakOn(16) - 536870912LL * 16 + 2 * 16777216LL * 16 - kEmbedding);
   in.cuda = false;  // CPU: "offload" is "on"
   EXPECT_EQ(PlanFor(in, 2, Checkpointing::kOffload).peak_allocated, PlanFor(in, 2, Checkpointing::kOn).peak_allocated);
 }

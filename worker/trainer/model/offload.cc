@@ -1,0 +1,119 @@
+#include "worker/trainer/model/offload.h"
+
+#include <optional>
+#include <utility>
+
+#ifdef TUNE_TORCH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace tune::model {
+
+struct HostOffloader::State {
+  explicit State(torch::Device d) : device(d) {}
+  torch::Device device;
+  std::weak_ptr<ops::ActivationStash> last;  // the most recent stash (the next one's predecessor)
+#ifdef TUNE_TORCH_CUDA
+  std::optional<c10::cuda::CUDAStream> side;  // the copy stream (CUDA devices only)
+#endif
+};
+
+namespace {
+
+class HostStash : public ops::ActivationStash {
+ public:
+  HostStash(std::shared_ptr<HostOffloader::State> state, std::weak_ptr<HostStash> prev)
+      : state_(std::move(state)), prev_(std::move(prev)) {}
+
+  void Put(const torch::Tensor& x) override {
+    torch::Tensor src = x.detach().contiguous();
+    host_ = torch::empty(src.sizes(), src.options().device(torch::kCPU).pinned_memory(src.is_cuda()));
+#ifdef TUNE_TORCH_CUDA
+    if (src.is_cuda()) {
+      const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(src.device().index());
+      const c10::cuda::CUDAStream& side = *state_->side;
+      at::cuda::CUDAEvent ready;
+      ready.record(main);  // x is complete once main reaches this point
+      ready.block(side);
+      {
+        c10::cuda::CUDAStreamGuard guard(side);
+        host_.copy_(src, /*non_blocking=*/true);
+      }
+      // x may be freed by main right after this; its block must not be
+      // reused before the side stream has read it.
+      c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), side);
+      return;
+    }
+#endif
+    host_.copy_(src);
+  }
+
+  torch::Tensor Take() override {
+    Fetch();
+    torch::Tensor out = std::move(device_);
+#ifdef TUNE_TORCH_CUDA
+    if (fetched_.has_value()) fetched_->block(c10::cuda::getCurrentCUDAStream(out.device().index()));
+#endif
+    // Bring the previous layer's input over while this layer recomputes.
+    if (auto prev = prev_.lock()) prev->Fetch();
+    return out;
+  }
+
+ private:
+  // Starts the copy back to the device (once).
+  void Fetch() {
+    if (device_.defined() || !host_.defined()) return;
+#ifdef TUNE_TORCH_CUDA
+    if (state_->device.is_cuda()) {
+      const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(state_->device.index());
+      const c10::cuda::CUDAStream& side = *state_->side;
+      // Allocated on main, written on side: the block may have been freed by
+      // work still queued on main, so side first waits for main's queue.
+      device_ = torch::empty(host_.sizes(), host_.options().device(state_->device).pinned_memory(false));
+      at::cuda::CUDAEvent queued;
+      queued.record(main);
+      queued.block(side);
+      {
+        c10::cuda::CUDAStreamGuard guard(side);
+        device_.copy_(host_, /*non_blocking=*/true);  // after this stash's own host copy (same stream)
+      }
+      c10::cuda::CUDACachingAllocator::recordStream(device_.storage().data_ptr(), side);
+      fetched_.emplace();
+      fetched_->record(side);
+      host_ = torch::Tensor();  // the host allocator keeps the block until the copy is done
+      return;
+    }
+#endif
+    device_ = host_.to(state_->device);
+    host_ = torch::Tensor();
+  }
+
+  std::shared_ptr<HostOffloader::State> state_;
+  std::weak_ptr<HostStash> prev_;
+  torch::Tensor host_, device_;
+#ifdef TUNE_TORCH_CUDA
+  std::optional<at::cuda::CUDAEvent> fetched_;
+#endif
+};
+
+}  // namespace
+
+HostOffloader::HostOffloader(torch::Device device) : state_(std::make_shared<State>(device)) {
+#ifdef TUNE_TORCH_CUDA
+  if (device.is_cuda()) state_->side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
+#endif
+}
+
+HostOffloader::~HostOffloader() = default;
+
+std::shared_ptr<ops::ActivationStash> HostOffloader::NewStash() {
+  auto prev = std::static_pointer_cast<HostStash>(state_->last.lock());
+  auto stash = std::make_shared<HostStash>(state_, prev);
+  state_->last = stash;
+  return stash;
+}
+
+}  // namespace tune::model
