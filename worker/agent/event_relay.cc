@@ -247,8 +247,10 @@ void Outbox::Interrupt() {
 
 bool Outbox::WaitUntilEmpty(absl::Time deadline) {
   std::unique_lock<std::mutex> lock(mu_);
-  const uint64_t start = interrupts_;
-  while (unacked_ > 0 && interrupts_ == start) {
+  // Interrupt() is not a reason to stop: the link interrupts whenever a
+  // session ends (to wake its sender), and that is exactly when a flush must
+  // keep waiting for the next session to deliver.
+  while (unacked_ > 0) {
     absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) break;
     cv_.wait_for(lock, absl::ToChronoNanoseconds(left));

@@ -110,10 +110,11 @@ class Outbox {
   // Waits until an unsent event exists, Interrupt() is called, or `deadline`.
   // Returns true when unsent events exist.
   bool WaitForUnsent(absl::Time deadline);
-  // Wakes WaitForUnsent / WaitUntilEmpty callers.
+  // Wakes WaitForUnsent callers.
   void Interrupt();
 
-  // Waits until nothing is left to acknowledge, or `deadline`. True when empty.
+  // Waits until nothing is left to acknowledge, or `deadline` (Interrupt()
+  // does not end the wait). True when empty.
   bool WaitUntilEmpty(absl::Time deadline);
 
   size_t unacked() const;

@@ -62,8 +62,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       if (scaling != 1.0) xa.mul_(scaling);
       y.addmm_(xa, b.t());
     }
-    ctx->save_for_backward({lora ? x : a, a, b});
-    ctx->saved_data["xa"] = xa;
+    ctx->save_for_backward({lora ? x : a, a, b, lora ? xa : a});
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
     ctx->saved_data["scaling"] = scaling;
     return y;
@@ -82,7 +81,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       const double scaling = ctx->saved_data["scaling"].toDouble();
       torch::Tensor dxa = g.mm(b);
       if (scaling != 1.0) dxa.mul_(scaling);
-      if (ctx->needs_input_grad(2)) db = g.t().mm(ctx->saved_data["xa"].toTensor());
+      if (ctx->needs_input_grad(2)) db = g.t().mm(saved[3]);
       if (ctx->needs_input_grad(1)) da = dxa.t().mm(x);
       if (dx.defined()) dx.addmm_(dxa, a);
     }

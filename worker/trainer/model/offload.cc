@@ -29,10 +29,16 @@ class HostStash : public ops::ActivationStash {
       : state_(std::move(state)), prev_(std::move(prev)) {}
 
   void Put(const torch::Tensor& x) override {
+    // Like a saved tensor: an in-place write to x before backward is an error
+    // (the copy may not have read it yet, and the recompute would differ).
+    version_.emplace(x.unsafeGetTensorImpl()->version_counter());
+    saved_version_ = x._version();
     torch::Tensor src = x.detach().contiguous();
     host_ = torch::empty(src.sizes(), src.options().device(torch::kCPU).pinned_memory(src.is_cuda()));
 #ifdef TUNE_TORCH_CUDA
     if (src.is_cuda()) {
+      TORCH_CHECK(state_->side.has_value(), "activation offload: a CUDA tensor in a stash made for ",
+                  state_->device.str());
       const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(src.device().index());
       const c10::cuda::CUDAStream& side = *state_->side;
       at::cuda::CUDAEvent ready;
@@ -52,6 +58,11 @@ class HostStash : public ops::ActivationStash {
   }
 
   torch::Tensor Take() override {
+    TORCH_CHECK(host_.defined() || device_.defined(),
+                "activation offload: a layer input was taken twice (a second backward through the same graph, "
+                "retain_graph, is not supported with gradient_checkpointing: offload)");
+    TORCH_CHECK(version_.has_value() && version_->current_version() == saved_version_,
+                "activation offload: a checkpointed layer input was modified in place after the forward pass");
     Fetch();
     torch::Tensor out = std::move(device_);
 #ifdef TUNE_TORCH_CUDA
@@ -94,6 +105,8 @@ class HostStash : public ops::ActivationStash {
   std::shared_ptr<HostOffloader::State> state_;
   std::weak_ptr<HostStash> prev_;
   torch::Tensor host_, device_;
+  std::optional<c10::VariableVersion> version_;  // x's counter (shared, not x's storage)
+  uint32_t saved_version_ = 0;
 #ifdef TUNE_TORCH_CUDA
   std::optional<at::cuda::CUDAEvent> fetched_;
 #endif

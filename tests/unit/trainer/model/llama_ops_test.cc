@@ -263,5 +263,19 @@ TEST(Checkpoint, StashedInputsGiveTheSameGradients) {
   }
 }
 
+TEST(Checkpoint, StashRefusesInPlaceWritesAndASecondBackward) {
+  torch::Tensor w = torch::randn({4, 4}).requires_grad_(true);
+  auto f = [&](const torch::Tensor& x) { return torch::tanh(torch::linear(x, w)); };
+  HostOffloader offloader(torch::kCPU);
+  torch::Tensor h = torch::randn({2, 4}).requires_grad_(true) * 2;
+  torch::Tensor y = Checkpoint(f, h, {w}, offloader.NewStash());
+  h.add_(1);  // the stashed input changes before backward, as a saved tensor would
+  EXPECT_ANY_THROW(y.sum().backward());
+
+  torch::Tensor y2 = Checkpoint(f, torch::randn({2, 4}), {w}, offloader.NewStash());
+  y2.sum().backward({}, /*retain_graph=*/true);
+  EXPECT_ANY_THROW(y2.sum().backward());  // the input was handed back once already
+}
+
 }  // namespace
 }  // namespace tune::model::ops
