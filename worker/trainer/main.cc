@@ -4,7 +4,7 @@
 //                      [--stop-after-step N]
 //   tune-train init-model --preset tiny|llama3-8b|CONFIG.json --tokenizer DIR --out DIR
 //                         [--seed N] [--dtype bf16|fp32]
-//   tune-train plan --config job.yaml --gpu-memory-gb N [--world-size W] [-o json]
+//   tune-train plan --config job.yaml --gpu-memory-gb N [--world-size W] [--host-memory-gb H] [-o json]
 //   tune-train tokenize|render|preflight ...   (data pipeline tools, see --help)
 //
 // Rank and rendezvous come from RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
@@ -58,12 +58,14 @@ Usage:
                         [--seed N] [--dtype bf16|fp32]
       Write a randomly initialised Llama in Hugging Face layout.
 
-  tune-train plan --config job.yaml --gpu-memory-gb N [--world-size W]
+  tune-train plan --config job.yaml --gpu-memory-gb N [--world-size W] [--host-memory-gb H]
                   [--attention sdpa|sdpa_expand_kv|math] [--fused-kernels on|off] [-o text|json]
       Print the memory plan (micro-batch, grad-accum, checkpointing) and the
       predicted peak breakdown for a GPU of N GiB, without a GPU or the
       weights (only the model's config.json is read). Attention defaults to
-      the kernel this build's torch uses. Exit 1 when nothing fits.
+      the kernel this build's torch uses. --host-memory-gb: host memory
+      available per rank, which offload plans must also fit (unchecked when
+      absent). Exit 1 when nothing fits.
 
   tune-train tokenize --tokenizer DIR [--json] [--add-special] [--decode [--skip-special]]
   tune-train render --config job.yaml [--limit N]
@@ -160,7 +162,7 @@ int RunPlan(int argc, char** argv) {
   std::string config, output = "text", attention;
   // Default: what this binary would run on a GPU (the kernels compiled in).
   bool fused = tune::model::cuda_ops::Compiled();
-  double gpu_gb = 0;
+  double gpu_gb = 0, host_gb = 0;  // host: available host memory per rank (0 = not checked)
   long world = 1;
   for (int i = 2; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -173,6 +175,12 @@ int RunPlan(int argc, char** argv) {
       gpu_gb = std::strtod(v.c_str(), &end);
       if (end == v.c_str() || *end != '\0' || !(gpu_gb > 0) || !std::isfinite(gpu_gb)) {
         return UsageError("plan: --gpu-memory-gb needs a positive number of GiB (e.g. 24 or 79.6)");
+      }
+    } else if (arg == "--host-memory-gb") {
+      char* end = nullptr;
+      host_gb = std::strtod(v.c_str(), &end);
+      if (end == v.c_str() || *end != '\0' || !(host_gb > 0) || !std::isfinite(host_gb)) {
+        return UsageError("plan: --host-memory-gb needs a positive number of GiB (host memory available per rank)");
       }
     } else if (arg == "--world-size") {
       if (!ParseInt(v, 1, &world) || world > 4096) return UsageError("plan: --world-size needs an integer >= 1");
@@ -222,6 +230,7 @@ int RunPlan(int argc, char** argv) {
     plan::PlanInputs inputs = plan::InputsFromSpec(cfg.spec, model, precision, static_cast<int>(world),
                                                    /*cuda=*/true, kernel, free_bytes);
     inputs.fused_kernels = fused && precision == "bf16";
+    inputs.host_free_bytes = static_cast<int64_t>(host_gb * static_cast<double>(int64_t{1} << 30));
     const plan::MemoryPlan result = plan::ChoosePlan(inputs);
     if (output == "json") {
       nlohmann::json j = result.ToJson();
@@ -239,8 +248,8 @@ int RunPlan(int argc, char** argv) {
                 << plan::FormatPlan(inputs, result);
     }
     if (!result.fits) {
-      std::cerr << "tune-train plan: nothing fits " << plan::FormatBytes(card) << ": short by "
-                << plan::FormatBytes(result.shortfall_bytes) << "; " << result.fix << std::endl;
+      std::cerr << "tune-train plan: nothing fits " << plan::FormatBytes(card) << ": " << result.ShortfallText()
+                << "; " << result.fix << std::endl;
       return 1;
     }
     return 0;

@@ -455,22 +455,25 @@ void Trainer::PlanMemory() {
   if (const double cap_gb = cfg_.spec.faults.gpu_memory_cap_gb; cfg_.use_cuda && cap_gb > 0) {
     free_bytes = std::min<int64_t>(free_bytes, static_cast<int64_t>(cap_gb * (1 << 30)));
   }
-  if (!cfg_.use_cuda) {
-    // CPU ranks of one host share its RAM, each holding a whole model.
-    const char* local = std::getenv("LOCAL_WORLD_SIZE");
-    const long ranks_here = local != nullptr ? std::max(1L, std::strtol(local, nullptr, 10)) : 1L;
-    free_bytes /= ranks_here;
-  }
+  // The ranks of one host share its RAM: CPU ranks each hold a whole model,
+  // GPU ranks with offload their layer inputs and embedding.
+  const char* local = std::getenv("LOCAL_WORLD_SIZE");
+  const long ranks_here = local != nullptr ? std::max(1L, std::strtol(local, nullptr, 10)) : 1L;
+  int64_t host_free_bytes = plan::HostMemAvailableBytes() / ranks_here;
+  if (!cfg_.use_cuda) free_bytes /= ranks_here;
   if (cfg_.dist.world_size > 1) {
     // Every rank must take the same split: plan for the rank with least memory.
-    torch::Tensor all = torch::zeros({cfg_.dist.world_size}, torch::kFloat64);
-    all[cfg_.dist.rank] = static_cast<double>(free_bytes);
+    torch::Tensor all = torch::zeros({2, cfg_.dist.world_size}, torch::kFloat64);
+    all[0][cfg_.dist.rank] = static_cast<double>(free_bytes);
+    all[1][cfg_.dist.rank] = static_cast<double>(host_free_bytes);
     comm_->AllReduceSum(all);
-    free_bytes = static_cast<int64_t>(all.min().item<double>());
+    free_bytes = static_cast<int64_t>(all[0].min().item<double>());
+    host_free_bytes = static_cast<int64_t>(all[1].min().item<double>());
   }
   plan_inputs_ = plan::InputsFromSpec(cfg_.spec, config, cfg_.compute_dtype, cfg_.dist.world_size, cfg_.use_cuda,
                                       plan::AttentionFor(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR), free_bytes);
   plan_inputs_.fused_kernels = cfg_.use_cuda && dtype_ == torch::kBFloat16 && model::cuda_ops::Enabled();
+  if (cfg_.use_cuda) plan_inputs_.host_free_bytes = host_free_bytes;
   // The longest example bounds every micro-batch's length (Collate pads to it).
   plan_inputs_.seq_len = std::max<int64_t>(1, std::min<int64_t>(longest_example_, cfg_.spec.dataset.max_seq_length));
   const bool any_auto = plan_inputs_.micro_batch_size <= 0 || plan_inputs_.checkpointing == "auto";
@@ -500,7 +503,7 @@ void Trainer::PlanMemory() {
   if (!plan_.fits) {
     events_->EmitLog("warning", "memory plan does not fit: predicted " + plan::FormatBytes(plan_.breakdown.reserved) +
                                     " reserved vs a budget of " + plan::FormatBytes(plan_.budget_bytes) +
-                                    " (short by " + plan::FormatBytes(plan_.shortfall_bytes) + "); " + plan_.fix +
+                                    " (" + plan_.ShortfallText() + "); " + plan_.fix +
                                     ". Training anyway: an OOM steps the plan down at run time");
   }
 }
@@ -530,8 +533,10 @@ void Trainer::EmitPlan() {
       {"optimizer", cfg_.spec.training.optimizer},
       {"backend", comm_->backend()},
   };
+  if (plan_.host_budget_bytes > 0) event["host_budget_bytes"] = plan_.host_budget_bytes;
   if (!plan_.fits) {
     event["shortfall_bytes"] = plan_.shortfall_bytes;
+    if (plan_.host_shortfall_bytes > 0) event["host_shortfall_bytes"] = plan_.host_shortfall_bytes;
     event["fix"] = plan_.fix;
   }
   events_->Emit("plan", event);

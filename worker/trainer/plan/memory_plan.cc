@@ -228,7 +228,8 @@ nlohmann::json Breakdown::ToJson() const {
   return {{"weights", weights},     {"lora", lora},           {"optimizer", optimizer},
           {"activations", activations}, {"logits", logits},   {"transient", transient},
           {"workspace", workspace}, {"allreduce", allreduce}, {"slack", slack},
-          {"peak_allocated", peak_allocated}, {"reserved", reserved}, {"peak_phase", peak_phase}};
+          {"peak_allocated", peak_allocated}, {"reserved", reserved}, {"peak_phase", peak_phase},
+          {"host", host}};
 }
 
 Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
@@ -302,6 +303,9 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
     b.peak_phase = "optimizer";
   }
   b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;
+  if (ckpt == Checkpointing::kOffload) {
+    b.host = L * N * H * cb + (c.tie_word_embeddings ? 0 : V * H * cb);
+  }
   b.reserved = RoundUp(static_cast<int64_t>(std::ceil(static_cast<double>(b.peak_allocated) * (1.0 + kFragmentation))),
                        int64_t{2} << 20);
   b.slack = b.reserved - b.peak_allocated;
@@ -319,8 +323,10 @@ nlohmann::json MemoryPlan::ToJson() const {
                       {"fits", fits},
                       {"breakdown", breakdown.ToJson()},
                       {"reason", reason}};
+  if (host_budget_bytes > 0) j["host_budget_bytes"] = host_budget_bytes;
   if (!fits) {
     j["shortfall_bytes"] = shortfall_bytes;
+    if (host_shortfall_bytes > 0) j["host_shortfall_bytes"] = host_shortfall_bytes;
     j["fix"] = fix;
   }
   return j;
@@ -344,7 +350,9 @@ MemoryPlan ChoosePlan(const PlanInputs& in) {
   MemoryPlan plan;
   plan.free_bytes = in.free_bytes;
   plan.budget_bytes = static_cast<int64_t>(static_cast<double>(in.free_bytes) * in.safety_margin);
-  auto fits = [&](const Breakdown& b) { return b.reserved <= plan.budget_bytes; };
+  plan.host_budget_bytes = static_cast<int64_t>(static_cast<double>(in.host_free_bytes) * in.safety_margin);
+  auto host_fits = [&](const Breakdown& b) { return in.host_free_bytes <= 0 || b.host <= plan.host_budget_bytes; };
+  auto fits = [&](const Breakdown& b) { return b.reserved <= plan.budget_bytes && host_fits(b); };
   auto take = [&](int micro, Checkpointing ckpt, const std::string& reason) {
     plan.micro_batch_size = micro;
     plan.grad_accum = per_rank / micro;
@@ -408,6 +416,7 @@ MemoryPlan ChoosePlan(const PlanInputs& in) {
   take(micro, mode, "nothing fits the budget; this is the smallest plan" +
                         std::string(micro_auto && ckpt_auto ? "" : " with the values given"));
   plan.shortfall_bytes = std::max<int64_t>(0, plan.breakdown.reserved - plan.budget_bytes);
+  if (!host_fits(plan.breakdown)) plan.host_shortfall_bytes = plan.breakdown.host - plan.host_budget_bytes;
   // Fixes, most specific first; each is checked with the planner.
   std::vector<std::string> fixes;
   if (!micro_auto || !ckpt_auto) {
@@ -429,10 +438,18 @@ MemoryPlan ChoosePlan(const PlanInputs& in) {
   }
   if (in.base != "nf4") fixes.push_back("use quantization.base: nf4");
   if (in.optimizer != "adamw_8bit") fixes.push_back("use training.optimizer: adamw_8bit");
-  const int64_t need = static_cast<int64_t>(std::ceil(static_cast<double>(plan.breakdown.reserved) / in.safety_margin));
-  fixes.push_back("use a GPU with at least " + FormatBytes(need + (in.cuda ? kCudaContextBytes : 0)) +
-                  (in.cuda ? " of memory" : " of free memory") +
-                  " (more GPUs do not help: data parallel keeps a full model on each)");
+  if (plan.shortfall_bytes > 0) {
+    const int64_t need = static_cast<int64_t>(std::ceil(static_cast<double>(plan.breakdown.reserved) / in.safety_margin));
+    fixes.push_back("use a GPU with at least " + FormatBytes(need + (in.cuda ? kCudaContextBytes : 0)) +
+                    (in.cuda ? " of memory" : " of free memory") +
+                    " (more GPUs do not help: data parallel keeps a full model on each)");
+  }
+  if (plan.host_shortfall_bytes > 0) {
+    const int64_t need = static_cast<int64_t>(std::ceil(static_cast<double>(plan.breakdown.host) / in.safety_margin));
+    fixes.push_back("give each rank at least " + FormatBytes(need) +
+                    " of available host memory (offload keeps the layer inputs and the embedding there; "
+                    "MemAvailable is shared by the ranks of a node)");
+  }
   std::string fix;
   for (const std::string& f : fixes) fix += (fix.empty() ? "" : "; or ") + f;
   plan.fix = fix;
@@ -486,13 +503,28 @@ std::string FormatPlan(const PlanInputs& in, const MemoryPlan& plan) {
   char margin[16];
   std::snprintf(margin, sizeof(margin), "%.0f%%", in.safety_margin * 100);
   row("budget", plan.budget_bytes, std::string("(") + margin + " of " + FormatBytes(plan.free_bytes) + " free)");
+  if (b.host > 0) {
+    row("host", b.host, "(pinned layer inputs + embedding; " +
+                            (plan.host_budget_bytes > 0 ? "budget " + FormatBytes(plan.host_budget_bytes)
+                                                        : std::string("host memory not checked")) +
+                            ")");
+  }
   if (plan.fits) {
     o << "fits: " << plan.reason << "\n";
   } else {
-    o << "DOES NOT FIT: short by " << FormatBytes(plan.shortfall_bytes) << " (" << plan.reason << ")\n"
+    o << "DOES NOT FIT: " << plan.ShortfallText() << " (" << plan.reason << ")\n"
       << "fix: " << plan.fix << "\n";
   }
   return o.str();
+}
+
+std::string MemoryPlan::ShortfallText() const {
+  std::string s;
+  if (shortfall_bytes > 0 || host_shortfall_bytes == 0) s = "device memory short by " + FormatBytes(shortfall_bytes);
+  if (host_shortfall_bytes > 0) {
+    s += (s.empty() ? "" : ", ") + std::string("host memory short by ") + FormatBytes(host_shortfall_bytes);
+  }
+  return s;
 }
 
 int64_t HostMemAvailableBytes() {

@@ -146,6 +146,9 @@ struct PlanInputs {
   // to bf16, cross-entropy holds one bf16 [chunk, vocab] buffer.
   bool fused_kernels = false;
   int64_t free_bytes = 0;                // free device memory (CPU: MemAvailable)
+  // CUDA: host memory this rank may use (MemAvailable / ranks on the node);
+  // offload plans must also fit it. 0 = not checked.
+  int64_t host_free_bytes = 0;
   double safety_margin = kDefaultSafetyMargin;
 
   int ComputeBytes() const { return precision == "fp32" ? 4 : 2; }
@@ -184,6 +187,10 @@ struct Breakdown {
   int64_t slack = 0;           // allocator fragmentation on top of allocated
   int64_t reserved = 0;        // peak_allocated + slack
   std::string peak_phase;      // "cross_entropy_backward" | "layer_backward" | "optimizer"
+  // Host memory the plan holds (not device memory, not in the sums above):
+  // with offload on CUDA the pinned layer inputs (L x tokens x hidden) and an
+  // untied input embedding.
+  int64_t host = 0;
   nlohmann::json ToJson() const;
 };
 
@@ -198,10 +205,14 @@ struct MemoryPlan {
   Breakdown breakdown;
   int64_t free_bytes = 0;
   int64_t budget_bytes = 0;  // free x safety margin
-  bool fits = false;
+  int64_t host_budget_bytes = 0;  // host_free_bytes x safety margin (0 = not checked)
+  bool fits = false;             // device and (when checked) host memory
   int64_t shortfall_bytes = 0;  // reserved - budget when it does not fit
+  int64_t host_shortfall_bytes = 0;  // host - host budget when the host memory does not fit
   std::string reason;           // why this split (one sentence)
   std::string fix;              // when it does not fit: what would make it fit
+  // "device memory short by 1.20 GiB", "host memory short by ...", or both.
+  std::string ShortfallText() const;
   nlohmann::json ToJson() const;
 };
 

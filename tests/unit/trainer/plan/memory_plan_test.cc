@@ -211,6 +211,32 @@ TEST(MemoryPlanTest, EightGigabytesFitsWithOffload) {
   EXPECT_EQ(Budget(8) - p.breakdown.reserved, 56623104LL);
 }
 
+TEST(MemoryPlanTest, OffloadMustFitHostMemoryToo) {
+  // Offload, micro 1, seq 2048 holds in host memory 32 layers x 2048 x 4096 x 2
+  // = 536,870,912 of layer inputs plus the 1,050,673,152-byte embedding.
+  const int64_t host = 32LL * 2048 * 4096 * 2 + kEmbedding;
+  EXPECT_EQ(host, 1587544064LL);
+  EXPECT_EQ(PlanFor(Job8B(0), 1, Checkpointing::kOffload).host, host);
+  EXPECT_EQ(PlanFor(Job8B(0), 1, Checkpointing::kOn).host, 0);
+  PlanInputs in = Job8B(Card(8));  // device: only offload fits (above)
+  in.host_free_bytes = 2 * kGiB;   // budget 0.9 x 2 GiB = 1,932,735,283: fits
+  EXPECT_TRUE(ChoosePlan(in).fits);
+  in.host_free_bytes = kGiB;  // budget 966,367,641: short by 621,176,423
+  const MemoryPlan p = ChoosePlan(in);
+  EXPECT_FALSE(p.fits);
+  EXPECT_EQ(p.checkpointing, Checkpointing::kOffload);
+  EXPECT_EQ(p.shortfall_bytes, 0);
+  EXPECT_EQ(p.host_budget_bytes, 966367641LL);
+  EXPECT_EQ(p.host_shortfall_bytes, host - 966367641LL);
+  EXPECT_EQ(p.ShortfallText(), "host memory short by 592.4 MiB");
+  EXPECT_NE(p.fix.find("of available host memory"), std::string::npos) << p.fix;
+  EXPECT_EQ(p.fix.find("use a GPU with at least"), std::string::npos) << p.fix;
+  // seq 512 holds 134,217,728 + 1,050,673,152 = 1,184,890,880 > the budget too:
+  // no sequence length helps while the embedding alone exceeds it.
+  EXPECT_EQ(p.fix.find("dataset.max_seq_length"), std::string::npos) << p.fix;
+  EXPECT_NE(FormatPlan(in, p).find("host memory short by"), std::string::npos);
+}
+
 TEST(MemoryPlanTest, SixGigabytesIsShortAndSaysWhy) {
   const MemoryPlan p = ChoosePlan(Job8B(Card(6)));
   EXPECT_FALSE(p.fits);
