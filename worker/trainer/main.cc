@@ -90,6 +90,15 @@ bool ParseInt(const std::string& text, long min_value, long* out) {
   return true;
 }
 
+// A finite number > 0, the whole text (GiB flags of `plan`).
+bool ParsePositiveDouble(const std::string& text, double* out) {
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || *end != '\0' || !(v > 0) || !std::isfinite(v)) return false;
+  *out = v;
+  return true;
+}
+
 int RunTrain(int argc, char** argv, int first) {
   tune::train::TrainRunOptions opts;
   for (int i = first; i < argc; ++i) {
@@ -171,15 +180,11 @@ int RunPlan(int argc, char** argv) {
     if (arg == "--config") {
       config = v;
     } else if (arg == "--gpu-memory-gb") {
-      char* end = nullptr;
-      gpu_gb = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !(gpu_gb > 0) || !std::isfinite(gpu_gb)) {
+      if (!ParsePositiveDouble(v, &gpu_gb)) {
         return UsageError("plan: --gpu-memory-gb needs a positive number of GiB (e.g. 24 or 79.6)");
       }
     } else if (arg == "--host-memory-gb") {
-      char* end = nullptr;
-      host_gb = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !(host_gb > 0) || !std::isfinite(host_gb)) {
+      if (!ParsePositiveDouble(v, &host_gb)) {
         return UsageError("plan: --host-memory-gb needs a positive number of GiB (host memory available per rank)");
       }
     } else if (arg == "--world-size") {

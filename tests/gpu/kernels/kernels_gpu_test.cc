@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels/reference/reference.h"
+#include "tests/unit/kernels/random_bf16.h"
 #include "tune/kernels/linear_cross_entropy.h"
 #include "tune/kernels/nf4.h"
 #include "tune/kernels/rmsnorm.h"
@@ -27,6 +28,7 @@ namespace {
 
 using ref::Bf16ToFloat;
 using ref::FloatToBf16;
+using test_data::RandomBf16;
 
 constexpr double kPeakBytesPerS = 4.3e12;
 constexpr double kPeakFlops = 790e12;
@@ -61,14 +63,6 @@ class DeviceBuffer {
   T* p_ = nullptr;
   size_t n_;
 };
-
-std::vector<uint16_t> RandomBf16(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<uint16_t> out(n);
-  for (auto& v : out) v = FloatToBf16(dist(gen));
-  return out;
-}
 
 // One bf16 ulp at |v| (the spacing of bf16 values around v).
 double Ulp(double v) {

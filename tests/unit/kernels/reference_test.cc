@@ -12,16 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "tests/unit/kernels/random_bf16.h"
+
 namespace tune::kernels::ref {
 namespace {
 
-std::vector<uint16_t> RandomBf16(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<uint16_t> out(n);
-  for (auto& v : out) v = FloatToBf16(dist(gen));
-  return out;
-}
+using kernels::test_data::RandomBf16;
 
 std::vector<double> ToDouble(const std::vector<uint16_t>& v) {
   std::vector<double> out(v.size());
