@@ -18,6 +18,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--backends", default="FLASH_ATTENTION,CUDNN_ATTENTION,EFFICIENT_ATTENTION",
+                    help="comma-separated SDPBackend names (long sequences: one backend, --warmup 1 --iters 1)")
     args = ap.parse_args()
     hq, hkv, d = 32, 8, 128
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
@@ -29,13 +32,13 @@ def main():
         v = torch.randn(b, hkv, seq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(b, hq, seq, d, device="cuda", dtype=torch.bfloat16)
         flops = 6 * seq * hq * d * b * seq  # per layer: 6*seq*d_model per token, b*seq tokens
-        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        for name in args.backends.split(","):
             backend = getattr(SDPBackend, name, None)
             if backend is None:
                 continue
             try:
                 with sdpa_kernel([backend]):
-                    for _ in range(3):
+                    for _ in range(args.warmup):
                         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(g)
                     torch.cuda.synchronize()
                     t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -77,8 +80,45 @@ def layouts():
         print(f"layout {name}: backend {names.get(choice, choice)}, fwd+bwd {t0.elapsed_time(t1) / 10:.2f} ms")
 
 
+def memory(backend_names, shapes):
+    """Device memory SDPA allocates beyond its inputs, per token (b x seq), as tune-train calls it
+    (q/k as [B, heads, T, d] views of [B, T, heads, d], v contiguous, grad_out a transposed view):
+    the forward's saved output + statistics, and the backward's peak on top of those (dq/dk/dv and
+    the kernel's workspace). The memory planner's attention terms are checked against these."""
+    hq, hkv, d = 32, 8, 128
+    print("| backend | batch x seq | forward kept (bytes/token) | backward peak extra (bytes/token) |")
+    print("|---|---|---:|---:|")
+    for b, t in shapes:
+        for name in backend_names:
+            mk = lambda h: torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            q, k, v = mk(hq).requires_grad_(True), mk(hkv).requires_grad_(True), mk(hkv).contiguous().requires_grad_(True)
+            g = torch.randn(b, t, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                torch.cuda.synchronize()
+                kept = torch.cuda.memory_allocated() - base
+                before_bwd = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                out.backward(g)
+                torch.cuda.synchronize()
+                bwd = torch.cuda.max_memory_allocated() - before_bwd
+            n = b * t
+            print(f"| {name} | {b} x {t} | {kept / n:,.0f} | {bwd / n:,.0f} |", flush=True)
+            del q, k, v, g, out
+            torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    if "--layouts" in __import__("sys").argv:
+    argv = __import__("sys").argv
+    if "--layouts" in argv:
         layouts()
+        raise SystemExit(0)
+    if "--memory" in argv:
+        # python3 bench/sdpa_backends.py --memory [BxT ...]   e.g. 8x2048 1x344064
+        shapes = [tuple(int(x) for x in a.split("x")) for a in argv[argv.index("--memory") + 1:]] or [(8, 2048)]
+        memory(["CUDNN_ATTENTION", "FLASH_ATTENTION"], shapes)
         raise SystemExit(0)
     main()

@@ -467,7 +467,7 @@ std::vector<SpecError> ValidateJobSpec(JobSpec* s, const ValidateOptions& opts) 
   if (t.max_grad_norm < 0) c.Fail("training.max_grad_norm", "must be >= 0 (0 disables clipping)");
   c.OneOf("training.optimizer", t.optimizer, {"adamw", "adamw_8bit"});
   if (t.weight_decay < 0 || t.weight_decay > 1) c.Fail("training.weight_decay", "must be in [0, 1]");
-  c.OneOf("training.gradient_checkpointing", t.gradient_checkpointing, {"auto", "on", "off", "offload"});
+  c.OneOf("training.gradient_checkpointing", t.gradient_checkpointing, {"auto", "on", "off", "offload", "selective"});
   c.Range("training.log_every_steps", t.log_every_steps, 1, 1000000);
   c.Range("training.nan_policy.max_consecutive", t.nan_policy.max_consecutive, 1, 1000);
   if (!(t.nan_policy.lr_backoff > 0 && t.nan_policy.lr_backoff <= 1)) {

@@ -76,7 +76,7 @@ struct TrainingSpec {
   double max_grad_norm = 1.0;
   std::string optimizer = "adamw_8bit";  // adamw|adamw_8bit
   double weight_decay = 0.01;
-  std::string gradient_checkpointing = "auto";  // auto|on|off|offload
+  std::string gradient_checkpointing = "auto";  // auto|on|off|offload|selective
   int64_t seed = 3407;
   NanPolicySpec nan_policy;
   int log_every_steps = 1;

@@ -68,7 +68,7 @@ BatchPlan PlanBatch(int effective, int micro_spec, int world) {
 }
 
 bool ResolveGradientCheckpointing(const std::string& mode, int max_seq_length, bool use_cuda) {
-  if (mode == "on" || mode == "offload") return true;
+  if (mode == "on" || mode == "offload" || mode == "selective") return true;
   if (mode == "off") return false;
   return max_seq_length >= 1024 || use_cuda;
 }
@@ -126,6 +126,7 @@ TrainConfig TrainConfig::FromYaml(const std::string& yaml_text, const std::strin
   cfg.gradient_checkpointing =
       ResolveGradientCheckpointing(s.training.gradient_checkpointing, s.dataset.max_seq_length, cfg.use_cuda);
   cfg.activation_offload = s.training.gradient_checkpointing == "offload";
+  cfg.selective_recompute = s.training.gradient_checkpointing == "selective";
   cfg.batch = PlanBatch(s.training.effective_batch_size, s.training.micro_batch_size, dist.world_size);
 
   fs::path out = s.output.dir.empty() ? fs::path("runs") / s.name : fs::path(s.output.dir);

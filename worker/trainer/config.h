@@ -63,7 +63,7 @@ BatchPlan PlanBatch(int effective_batch_size, int micro_spec, int world_size);
 
 // Provisional, like PlanBatch: "auto" is on for max_seq_length >= 1024 or on
 // CUDA (where the memory planner replaces it); "on"/"off" as given; "offload"
-// is "on" with activation_offload set.
+// and "selective" are "on" with activation_offload / selective_recompute set.
 bool ResolveGradientCheckpointing(const std::string& mode, int max_seq_length, bool use_cuda);
 
 struct TrainConfig {
@@ -81,6 +81,9 @@ struct TrainConfig {
   // gradient_checkpointing: offload — checkpointed layer inputs wait in host
   // memory (the last OOM step-down turns it on at run time too).
   bool activation_offload = false;
+  // gradient_checkpointing: selective — each layer also keeps the residual
+  // stream after attention and recomputes less (model SetSelectiveRecompute).
+  bool selective_recompute = false;
   BatchPlan batch;
 
   std::string output_dir;      // absolute

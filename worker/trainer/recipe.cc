@@ -437,6 +437,7 @@ void Trainer::LoadModel() {
   model_ = model::LlamaForCausalLM::Load(cfg_.spec.model, opts);
   model_->SetGradientCheckpointing(cfg_.gradient_checkpointing);
   model_->SetActivationOffload(cfg_.gradient_checkpointing && cfg_.activation_offload);
+  model_->SetSelectiveRecompute(cfg_.selective_recompute);
   model_->SetTraining(true);
   lora_ = model_->LoraParameters();
   if (lora_.empty()) throw ConfigError("lora.targets selects no module of the model; nothing would train");
@@ -485,7 +486,10 @@ void Trainer::PlanMemory() {
     // planner only checks it, and re-plans auto fields when host memory is short.
     plan::PlanInputs today = plan_inputs_;
     today.micro_batch_size = cfg_.batch.micro_batch_size;
-    today.checkpointing = !cfg_.gradient_checkpointing ? "off" : cfg_.activation_offload ? "offload" : "on";
+    today.checkpointing = !cfg_.gradient_checkpointing ? "off"
+                          : cfg_.activation_offload  ? "offload"
+                          : cfg_.selective_recompute ? "selective"
+                                                     : "on";
     plan_ = plan::ChoosePlan(today);
     plan_.reason = "CPU default split (micro-batch = effective / ranks, checkpointing on from 1024 tokens)";
     if (!plan_.fits && any_auto) {
@@ -500,6 +504,7 @@ void Trainer::PlanMemory() {
   cfg_.batch.grad_accum = plan_.grad_accum;
   cfg_.gradient_checkpointing = plan_.checkpointing != plan::Checkpointing::kOff;
   cfg_.activation_offload = plan_.checkpointing == plan::Checkpointing::kOffload;
+  cfg_.selective_recompute = plan_.checkpointing == plan::Checkpointing::kSelective;
   if (!plan_.fits) {
     events_->EmitLog("warning", "memory plan does not fit: predicted " + plan::FormatBytes(plan_.breakdown.reserved) +
                                     " reserved vs a budget of " + plan::FormatBytes(plan_.budget_bytes) +
@@ -618,6 +623,7 @@ nlohmann::json Trainer::CurrentPlan() const {
           {"effective_batch_size", cfg_.spec.training.effective_batch_size},
           {"gradient_checkpointing", cfg_.gradient_checkpointing},
           {"offload", cfg_.activation_offload},
+          {"selective", cfg_.selective_recompute},
           {"precision", cfg_.compute_dtype},
           {"max_seq_length", cfg_.spec.dataset.max_seq_length},
           {"device", device_.str()}};
@@ -644,6 +650,11 @@ void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const s
     cfg_.gradient_checkpointing = true;
     model_->SetGradientCheckpointing(true);
     change = "gradient checkpointing on";
+  } else if (cfg_.selective_recompute) {
+    // Selective keeps one more [tokens, hidden] tensor per layer.
+    cfg_.selective_recompute = false;
+    model_->SetSelectiveRecompute(false);
+    change = "selective recompute off (whole layers recomputed)";
   } else if (!cfg_.activation_offload && device_.is_cuda()) {  // offload moves device memory to the host
     cfg_.activation_offload = true;
     model_->SetActivationOffload(true);
@@ -667,6 +678,7 @@ void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const s
                                     {"grad_accum", b.grad_accum},
                                     {"gradient_checkpointing", cfg_.gradient_checkpointing},
                                     {"offload", cfg_.activation_offload},
+                                    {"selective", cfg_.selective_recompute},
                                     {"attempt", attempt},
                                     {"ranks_oom", ranks_oom},
                                     {"message", text}});
@@ -744,6 +756,10 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
           loss_sum = loss_sum * std::numeric_limits<float>::quiet_NaN();
         }
         first = false;
+        // The loss's graph keeps what it needs (its own copy of the rows);
+        // holding the final hidden states through backward would cost one
+        // more [tokens, hidden] tensor at the peak.
+        hidden = torch::Tensor();
         // fp16: scaled so small gradients survive; unscaled after the all-reduce.
         (loss_sum * (scaler_.scale() / global_supervised)).backward();
         local_loss_sum += loss_sum.detach().to(torch::kCPU, torch::kFloat64).item<double>();

@@ -41,27 +41,57 @@ struct FrozenWeight : torch::CustomClassHolder {
   torch::Tensor Get(torch::ScalarType dtype) const { return nf4 ? DequantizeForMatmul(*nf4, dtype) : dense; }
 };
 
-// y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x, as one autograd node.
-// The LoRA term and the residual are accumulated by the GEMMs themselves
-// (addmm), so no [N, out] temporary is written, scaled or added. W is frozen:
-// no weight gradient is computed. Backward: dx = g W, then dx += (s g B) A
-// in the same buffer; dB = g^T (s x A^T); dA = (s g B)^T x; the residual's
-// gradient is g. a/b (compute-dtype copies of the LoRA leaves) and residual
-// may be absent, passed as empty tensors (torch 1.13's autograd rejects
-// undefined inputs). LoRA dropout is not handled here (the caller composes).
+// y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x without autograd; also
+// returns xa = s x A^T (undefined without LoRA), which dB needs. The LoRA term
+// and the residual are accumulated by the GEMMs themselves (addmm), so no
+// [N, out] temporary is written, scaled or added. a/b/residual may be empty.
+std::pair<torch::Tensor, torch::Tensor> LoraLinearForward(const torch::Tensor& x, const torch::Tensor& a,
+                                                          const torch::Tensor& b, const torch::Tensor& residual,
+                                                          const FrozenWeight& w, double scaling) {
+  torch::Tensor dense = w.Get(x.scalar_type());
+  torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
+  torch::Tensor xa;
+  if (a.numel() > 0) {
+    xa = x.mm(a.t());
+    if (scaling != 1.0) xa.mul_(scaling);
+    y.addmm_(xa, b.t());
+  }
+  return {y, xa};
+}
+
+struct LoraLinearGrads {
+  torch::Tensor dx, da, db;
+};
+
+// The gradients of LoraLinearForward's y for dy = g: dx = g W, then
+// dx += (s g B) A in the same buffer; dB = g^T xa; dA = (s g B)^T x. W is
+// frozen: no weight gradient is computed.
+LoraLinearGrads LoraLinearBackward(const torch::Tensor& g, const torch::Tensor& x, const torch::Tensor& a,
+                                   const torch::Tensor& b, const torch::Tensor& xa, const FrozenWeight& w,
+                                   double scaling, bool need_dx, bool need_da, bool need_db) {
+  LoraLinearGrads r;
+  if (need_dx) r.dx = g.mm(w.Get(g.scalar_type()));
+  if (a.numel() > 0) {
+    torch::Tensor dxa = g.mm(b);
+    if (scaling != 1.0) dxa.mul_(scaling);
+    if (need_db) r.db = g.t().mm(xa);
+    if (need_da) r.da = dxa.t().mm(x);
+    if (r.dx.defined()) r.dx.addmm_(dxa, a);
+  }
+  return r;
+}
+
+// LoraLinearForward as one autograd node (backward: LoraLinearBackward; the
+// residual's gradient is g). a/b (compute-dtype copies of the LoRA leaves)
+// and residual may be absent, passed as empty tensors (torch 1.13's autograd
+// rejects undefined inputs). LoRA dropout is not handled here (the caller
+// composes).
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor a, torch::Tensor b,
                                torch::Tensor residual, c10::intrusive_ptr<FrozenWeight> w, double scaling) {
-    torch::Tensor dense = w->Get(x.scalar_type());
-    torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
-    torch::Tensor xa;
+    auto [y, xa] = LoraLinearForward(x, a, b, residual, *w, scaling);
     const bool lora = a.numel() > 0;
-    if (lora) {
-      xa = x.mm(a.t());
-      if (scaling != 1.0) xa.mul_(scaling);
-      y.addmm_(xa, b.t());
-    }
     ctx->save_for_backward({lora ? x : a, a, b, lora ? xa : a});
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
     ctx->saved_data["scaling"] = scaling;
@@ -70,23 +100,126 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor &x = saved[0], &a = saved[1], &b = saved[2];
-    const torch::Tensor& g = grad_out[0];
-    torch::Tensor dx, da, db;
-    if (ctx->needs_input_grad(0)) {
-      auto capsule = ctx->saved_data["w"].toCapsule();
-      dx = g.mm(static_cast<FrozenWeight*>(capsule.get())->Get(g.scalar_type()));
+    auto capsule = ctx->saved_data["w"].toCapsule();
+    LoraLinearGrads r = LoraLinearBackward(grad_out[0], saved[0], saved[1], saved[2], saved[3],
+                                           *static_cast<FrozenWeight*>(capsule.get()),
+                                           ctx->saved_data["scaling"].toDouble(), ctx->needs_input_grad(0),
+                                           ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    torch::Tensor dres = ctx->needs_input_grad(3) ? grad_out[0] : torch::Tensor();
+    return {r.dx, r.da, r.db, dres, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// What MlpFunction needs besides its tensor inputs: the frozen weights and
+// LoRA scalings of one layer's MLP, and its token chunk.
+struct MlpWeights : torch::CustomClassHolder {
+  torch::Tensor norm;  // post_attention_layernorm
+  double eps = 0;
+  c10::intrusive_ptr<FrozenWeight> gate, up, down;
+  double s_gate = 1, s_up = 1, s_down = 1;
+  int64_t chunk = 0;
+
+  // swiglu(gate(n), up(n)) with n = rmsnorm(r): autograd ops, so in backward
+  // (grad mode on) they form the graph MlpFunction differentiates.
+  torch::Tensor Activation(const torch::Tensor& r, const torch::Tensor& ag, const torch::Tensor& bg,
+                           const torch::Tensor& au, const torch::Tensor& bu) const {
+    const torch::Tensor absent = torch::empty({0}, r.options().requires_grad(false));
+    torch::Tensor n = ops::RmsNorm(r, norm, eps);
+    torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate);
+    torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up);
+    return cuda_ops::SwiGlu(g, u);
+  }
+};
+
+// The MLP half of a decoder layer, y = r + down(swiglu(gate(n), up(n))) with
+// n = rmsnorm(r), for r [N, H], as one autograd node that keeps only r (and
+// the compute-dtype LoRA copies ag..bd, empty when absent). Forward and
+// backward run `chunk` tokens at a time, so at most one chunk's [chunk, I]
+// intermediates exist. Backward recomputes n, gate, up and their product per
+// chunk with autograd and differentiates through them, but never recomputes
+// down's output: its backward needs only its input. Selective checkpointing
+// uses it outside the layer checkpoint (saving r instead of recomputing the
+// whole MLP), long micro-batches inside it (the chunking bounds memory).
+class MlpFunction : public torch::autograd::Function<MlpFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor r, torch::Tensor ag, torch::Tensor bg,
+                               torch::Tensor au, torch::Tensor bu, torch::Tensor ad, torch::Tensor bd,
+                               c10::intrusive_ptr<MlpWeights> w) {
+    ctx->save_for_backward({r, ag, bg, au, bu, ad, bd});
+    ctx->saved_data["w"] = c10::IValue::make_capsule(w);
+    const int64_t n = r.size(0);
+    torch::Tensor y;
+    for (int64_t s = 0; s < n; s += w->chunk) {
+      torch::Tensor rc = r.slice(0, s, std::min(n, s + w->chunk));
+      torch::Tensor yc = LoraLinearForward(w->Activation(rc, ag, bg, au, bu), ad, bd, rc, *w->down, w->s_down).first;
+      if (rc.size(0) == n) return yc;
+      if (!y.defined()) y = torch::empty_like(r);
+      y.slice(0, s, s + rc.size(0)).copy_(yc);
     }
-    if (a.numel() > 0) {
-      const double scaling = ctx->saved_data["scaling"].toDouble();
-      torch::Tensor dxa = g.mm(b);
-      if (scaling != 1.0) dxa.mul_(scaling);
-      if (ctx->needs_input_grad(2)) db = g.t().mm(saved[3]);
-      if (ctx->needs_input_grad(1)) da = dxa.t().mm(x);
-      if (dx.defined()) dx.addmm_(dxa, a);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    variable_list saved = ctx->get_saved_variables();
+    auto capsule = ctx->saved_data["w"].toCapsule();
+    const MlpWeights& w = *static_cast<MlpWeights*>(capsule.get());
+    const torch::Tensor &r = saved[0], &ad = saved[5], &bd = saved[6];
+    const int64_t n = r.size(0);
+    const bool need_r = ctx->needs_input_grad(0);
+    torch::Tensor dy = grad_out[0].defined() ? grad_out[0] : torch::zeros_like(r);
+    // Fresh leaves for the gate/up LoRA copies: their gradients are this
+    // node's gradients for inputs 1..4, summed over chunks.
+    std::vector<torch::Tensor> leaves;
+    std::vector<int> slot;
+    for (int i = 1; i <= 4; ++i) {
+      const bool want = saved[i].numel() > 0 && ctx->needs_input_grad(i);
+      leaves.push_back(saved[i].detach().requires_grad_(want));
+      if (want) slot.push_back(i);
     }
-    torch::Tensor dres = ctx->needs_input_grad(3) ? g : torch::Tensor();
-    return {dx, da, db, dres, torch::Tensor(), torch::Tensor()};
+    variable_list result(8);
+    torch::Tensor dr = need_r ? torch::empty_like(r) : torch::Tensor();
+    auto accumulate = [&](int i, const torch::Tensor& g) {
+      if (g.defined()) result[i] = result[i].defined() ? result[i].add_(g) : g;
+    };
+    for (int64_t s = 0; s < n; s += w.chunk) {
+      const int64_t e = std::min(n, s + w.chunk);
+      torch::Tensor rc = r.slice(0, s, e).detach().requires_grad_(need_r);
+      torch::Tensor dyc = dy.slice(0, s, e);
+      torch::Tensor act;
+      {
+        torch::AutoGradMode enable(true);
+        act = w.Activation(rc, leaves[0], leaves[1], leaves[2], leaves[3]);
+      }
+      torch::Tensor xa;
+      if (ad.numel() > 0) {
+        xa = act.detach().mm(ad.t());
+        if (w.s_down != 1.0) xa.mul_(w.s_down);
+      }
+      LoraLinearGrads down = LoraLinearBackward(dyc, act.detach(), ad, bd, xa, *w.down, w.s_down, true,
+                                                ctx->needs_input_grad(5), ctx->needs_input_grad(6));
+      accumulate(5, down.da);
+      accumulate(6, down.db);
+      std::vector<torch::Tensor> inputs;
+      if (need_r) inputs.push_back(rc);
+      for (int i : slot) inputs.push_back(leaves[i - 1]);
+      if (inputs.empty() || !act.requires_grad()) {
+        if (need_r) dr.slice(0, s, e).copy_(dyc);
+        continue;
+      }
+      variable_list grads = torch::autograd::grad({act}, inputs, {down.dx}, /*retain_graph=*/false,
+                                                  /*create_graph=*/false, /*allow_unused=*/true);
+      size_t k = 0;
+      if (need_r) {
+        // The residual passes dy through; the normed path adds its gradient.
+        torch::Tensor drc = dr.slice(0, s, e);
+        drc.copy_(dyc);
+        if (grads[k].defined()) drc.add_(grads[k]);
+        ++k;
+      }
+      for (int i : slot) accumulate(i, grads[k++]);
+    }
+    result[0] = dr;
+    return result;
   }
 };
 
@@ -157,10 +290,19 @@ void LinearWithLora::EnableLora(const LoraOptions& lora, torch::Device device, a
   dropout_ = lora.dropout;
 }
 
-torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual) const {
+namespace {
+
+c10::intrusive_ptr<FrozenWeight> Frozen(const LinearWithLora& lin) {
   auto w = c10::make_intrusive<FrozenWeight>();
-  w->nf4 = nf4_;  // shares the tensors
-  w->dense = weight_;
+  w->nf4 = lin.nf4_weight();  // shares the tensors
+  w->dense = lin.dense_weight();
+  return w;
+}
+
+}  // namespace
+
+torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual) const {
+  c10::intrusive_ptr<FrozenWeight> w = Frozen(*this);
   const torch::Tensor absent = torch::empty({0}, x.options().requires_grad(false));
   torch::Tensor x2 = x.reshape({-1, in_});
   torch::Tensor r2 = residual.defined() ? residual.reshape({-1, out_}) : absent;
@@ -307,12 +449,11 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
   return m;
 }
 
-torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                                             const torch::Tensor& sin, const torch::Tensor& segment_ids) {
+torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
+                                              const torch::Tensor& sin, const torch::Tensor& segment_ids) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
-  const double eps = config_.rms_norm_eps;
-  torch::Tensor h = ops::RmsNorm(x, layer.input_layernorm, eps);
+  torch::Tensor h = ops::RmsNorm(x, layer.input_layernorm, config_.rms_norm_eps);
   torch::Tensor q = layer.q_proj.Forward(h, training_).view({B, T, hq, d}).transpose(1, 2);
   torch::Tensor k = layer.k_proj.Forward(h, training_).view({B, T, hkv, d}).transpose(1, 2);
   torch::Tensor v = layer.v_proj.Forward(h, training_).view({B, T, hkv, d}).transpose(1, 2);
@@ -322,10 +463,43 @@ torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::T
   // heads, d] inputs alike, at the same speed (bench/sdpa_backends.py --layouts).
   torch::Tensor a = ops::Attention(q, k, v.contiguous(), segment_ids);
   a = a.transpose(1, 2).reshape({B, T, hq * d});
-  torch::Tensor r = layer.o_proj.Forward(a, training_, /*residual=*/x);
-  h = ops::RmsNorm(r, layer.post_attention_layernorm, eps);
-  torch::Tensor act = cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_), layer.up_proj.Forward(h, training_));
-  return layer.down_proj.Forward(act, training_, /*residual=*/r);
+  return layer.o_proj.Forward(a, training_, /*residual=*/x);
+}
+
+bool LlamaForCausalLM::MlpNodeApplies() const { return !(training_ && opts_.lora.dropout > 0); }
+
+torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node) {
+  const int64_t H = config_.hidden_size, n = r.numel() / H;
+  as_node = as_node || (checkpointing_ && n > kMlpChunkAbove);
+  if (!as_node || !MlpNodeApplies()) {
+    torch::Tensor h = ops::RmsNorm(r, layer.post_attention_layernorm, config_.rms_norm_eps);
+    torch::Tensor act = cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_), layer.up_proj.Forward(h, training_));
+    return layer.down_proj.Forward(act, training_, /*residual=*/r);
+  }
+  auto w = c10::make_intrusive<MlpWeights>();
+  w->norm = layer.post_attention_layernorm;
+  w->eps = config_.rms_norm_eps;
+  w->gate = Frozen(layer.gate_proj);
+  w->up = Frozen(layer.up_proj);
+  w->down = Frozen(layer.down_proj);
+  w->s_gate = layer.gate_proj.scaling();
+  w->s_up = layer.up_proj.scaling();
+  w->s_down = layer.down_proj.scaling();
+  w->chunk = n > kMlpChunkAbove ? kMlpChunkTokens : std::max<int64_t>(n, 1);
+  const torch::Tensor absent = torch::empty({0}, r.options().requires_grad(false));
+  auto cast = [&](LinearWithLora& lin, bool b) {
+    if (!lin.has_lora()) return absent;
+    return (b ? lin.lora_b() : lin.lora_a()).to(r.scalar_type());
+  };
+  torch::Tensor y = MlpFunction::apply(r.reshape({n, H}), cast(layer.gate_proj, false), cast(layer.gate_proj, true),
+                                       cast(layer.up_proj, false), cast(layer.up_proj, true),
+                                       cast(layer.down_proj, false), cast(layer.down_proj, true), w);
+  return y.view(r.sizes());
+}
+
+torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
+                                             const torch::Tensor& sin, const torch::Tensor& segment_ids) {
+  return MlpHalf(layer, AttentionHalf(layer, x, cos, sin, segment_ids), /*as_node=*/false);
 }
 
 bool LlamaForCausalLM::embedding_on_host() const { return embed_.is_cpu() && !opts_.device.is_cpu(); }
@@ -367,25 +541,39 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
   // Offload: layer inputs wait in host memory, copied on a side stream.
   std::optional<HostOffloader> offloader;
   if (checkpoint && offload_ && dev.is_cuda()) offloader.emplace(dev);
-  for (auto& layer : layers_) {
-    if (!checkpoint) {
-      h = LayerForward(layer, h, cos, sin, seg);
-      continue;
-    }
+  // Selective: only the attention half is checkpointed; the MLP node keeps
+  // its input instead (MlpFunction), so its output GEMM is never recomputed.
+  const bool selective = checkpoint && selective_ && !offloader && MlpNodeApplies();
+  auto lora_leaves = [](DecoderLayer& layer, bool attention_only) {
     std::vector<torch::Tensor> params;
     for (const auto& mod : LinearModuleNames()) {
       LinearWithLora* lin = layer.Linear(mod);
+      if (attention_only && lin == &layer.gate_proj) break;  // gate, up, down follow
       if (lin->has_lora()) {
         params.push_back(lin->lora_a());
         params.push_back(lin->lora_b());
       }
     }
+    return params;
+  };
+  for (auto& layer : layers_) {
+    if (!checkpoint) {
+      h = LayerForward(layer, h, cos, sin, seg);
+      continue;
+    }
     DecoderLayer* lp = &layer;
-    // Captured by value: the closure runs again during backward.
+    // Captured by value: the closures run again during backward.
+    if (selective) {
+      auto attention = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
+        return AttentionHalf(*lp, x, cos, sin, seg);
+      };
+      h = MlpHalf(layer, ops::Checkpoint(attention, h, lora_leaves(layer, true)), /*as_node=*/true);
+      continue;
+    }
     auto fn = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
       return LayerForward(*lp, x, cos, sin, seg);
     };
-    h = ops::Checkpoint(fn, h, params, offloader ? offloader->NewStash() : nullptr);
+    h = ops::Checkpoint(fn, h, lora_leaves(layer, false), offloader ? offloader->NewStash() : nullptr);
   }
   return ops::RmsNorm(h, norm_, config_.rms_norm_eps);
 }

@@ -73,6 +73,9 @@ class LinearWithLora {
   int64_t in_features() const { return in_; }
   int64_t out_features() const { return out_; }
   bool quantized() const { return nf4_.has_value(); }
+  // The base weight as held: NF4, or dense in the compute dtype (one is set).
+  const std::optional<nf4::Nf4Tensor>& nf4_weight() const { return nf4_; }
+  const torch::Tensor& dense_weight() const { return weight_; }
   int64_t StorageBytes() const;  // base weight bytes as held on device
 
  private:
@@ -128,6 +131,16 @@ class LlamaForCausalLM : public torch::nn::Module {
   void SetActivationOffload(bool on);
   bool activation_offload() const { return offload_; }
   bool embedding_on_host() const;
+  // Selective recompute (`gradient_checkpointing: selective`), with
+  // checkpointing on and offload off: only each layer's attention half is
+  // checkpointed; its MLP half runs as one node that keeps its input (the
+  // residual stream after attention) and in backward recomputes the gate and
+  // up projections but not the down projection's output. One more [tokens,
+  // hidden] tensor per layer is kept than with plain checkpointing, and the
+  // down projection's forward GEMM (a quarter of the recompute) is not re-run.
+  // With LoRA dropout active the layer is checkpointed whole instead.
+  void SetSelectiveRecompute(bool on) { selective_ = on; }
+  bool selective_recompute() const { return selective_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
 
   // LoRA parameters in a fixed order (layer, then module in
@@ -153,6 +166,15 @@ class LlamaForCausalLM : public torch::nn::Module {
   torch::Tensor Embed(const torch::Tensor& input_ids) const;
   torch::Tensor LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                              const torch::Tensor& sin, const torch::Tensor& segment_ids);
+  // x + o_proj(attention(rope(q/k/v_proj(rmsnorm(x))))).
+  torch::Tensor AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
+                              const torch::Tensor& sin, const torch::Tensor& segment_ids);
+  // r + down(swiglu(gate(n), up(n))), n = rmsnorm(r): as one chunked node
+  // (llama.cc MlpFunction) when `as_node`, or with checkpointing on for more
+  // than kMlpChunkAbove tokens; plain autograd ops otherwise or while LoRA
+  // dropout is active.
+  torch::Tensor MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node);
+  bool MlpNodeApplies() const;
 
   LlamaConfig config_;
   LoadOptions opts_;
@@ -161,6 +183,7 @@ class LlamaForCausalLM : public torch::nn::Module {
   torch::Tensor inv_freq_;  // fp32 on device
   bool checkpointing_ = false;
   bool offload_ = false;
+  bool selective_ = false;
   bool training_ = true;
 };
 

@@ -11,6 +11,30 @@
 
 namespace tune::model {
 
+// Long micro-batches: with checkpointing, a micro-batch of more than
+// kMlpChunkAbove tokens runs each layer's MLP as one node over chunks of
+// kMlpChunkTokens tokens (llama.cc MlpFunction), so the [tokens, intermediate]
+// tensors of the layer being recomputed never exist whole. It costs one more
+// gate/up GEMM per layer (their recompute inside the node's backward), small
+// next to attention at such lengths. Here, not in llama.h, because the
+// torch-free memory planner mirrors both values.
+inline constexpr int64_t kMlpChunkTokens = 16384;
+inline constexpr int64_t kMlpChunkAbove = 65536;
+
+// Bytes of pinned host memory activation offload (offload.cc) holds for a
+// layer input of `bytes`: rounded up to a size class of 1/8 of a power of two
+// (at most 12.5% more), so inputs of nearby lengths share blocks across steps.
+// torch's own pinned allocator rounds up to a whole power of two, which at long
+// contexts doubles the host memory (a 2.8 GB input took 4 GiB). Here because
+// the torch-free memory planner counts the same bytes.
+inline int64_t PinnedBlockBytes(int64_t bytes) {
+  if (bytes <= (int64_t{2} << 20)) return int64_t{2} << 20;
+  int64_t pow2 = 1;
+  while (pow2 * 2 <= bytes) pow2 *= 2;
+  const int64_t step = pow2 / 8;
+  return (bytes + step - 1) / step * step;
+}
+
 struct RopeScaling {
   std::string type;  // only "llama3" is supported (Llama 3.1+); others are rejected
   double factor = 1, low_freq_factor = 1, high_freq_factor = 4;

@@ -8,7 +8,13 @@
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+
+#include <map>
+#include <mutex>
 #endif
+
+#include "worker/trainer/model/llama_config.h"
 
 namespace tune::model {
 
@@ -23,10 +29,78 @@ struct HostOffloader::State {
 
 namespace {
 
+#ifdef TUNE_TORCH_CUDA
+// Pinned host blocks for layer inputs, sized by PinnedBlockBytes and reused
+// from step to step (pinning is slow: ~25 ms per 128 MiB). Idle blocks of
+// another size are unpinned before new memory is pinned, so a change of
+// micro-batch shape leaves at most one step's blocks behind. Process-wide and
+// never destroyed (blocks may outlive any one offloader).
+class PinnedPool {
+ public:
+  struct Block {
+    void* ptr = nullptr;
+    int64_t bytes = 0;
+    std::shared_ptr<at::cuda::CUDAEvent> last_use;  // the last copy that reads or writes it
+  };
+
+  static PinnedPool& Get() {
+    static auto* pool = new PinnedPool();
+    return *pool;
+  }
+
+  Block Take(int64_t bytes) {
+    bytes = PinnedBlockBytes(bytes);
+    Block b;
+    std::vector<Block> stale;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = idle_.find(bytes);
+      if (it != idle_.end()) {
+        b = it->second;
+        idle_.erase(it);
+      } else {
+        for (auto& [size, blk] : idle_) stale.push_back(blk);
+        idle_.clear();
+      }
+    }
+    for (Block& s : stale) {
+      if (s.last_use) s.last_use->synchronize();
+      cudaFreeHost(s.ptr);
+    }
+    if (b.ptr != nullptr) {
+      if (b.last_use) b.last_use->synchronize();  // long done: the copy ran a step ago
+      b.last_use.reset();
+      return b;
+    }
+    const cudaError_t err = cudaHostAlloc(&b.ptr, static_cast<size_t>(bytes), cudaHostAllocDefault);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free error state
+      TORCH_CHECK(false, "activation offload: cannot pin ", bytes, " bytes of host memory for a layer input (",
+                  cudaGetErrorString(err), "); give the process more host memory or lower dataset.max_seq_length");
+    }
+    b.bytes = bytes;
+    return b;
+  }
+
+  void Give(Block b) {
+    if (b.ptr == nullptr) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_.emplace(b.bytes, std::move(b));
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<int64_t, Block> idle_;
+};
+#endif
+
 class HostStash : public ops::ActivationStash {
  public:
   HostStash(std::shared_ptr<HostOffloader::State> state, std::weak_ptr<HostStash> prev)
       : state_(std::move(state)), prev_(std::move(prev)) {}
+#ifdef TUNE_TORCH_CUDA
+  ~HostStash() override { ReleaseBlock(); }
+#endif
 
   void Put(const torch::Tensor& x) override {
     // Like a saved tensor: an in-place write to x before backward is an error
@@ -34,11 +108,13 @@ class HostStash : public ops::ActivationStash {
     version_.emplace(x.unsafeGetTensorImpl()->version_counter());
     saved_version_ = x._version();
     torch::Tensor src = x.detach().contiguous();
-    host_ = torch::empty(src.sizes(), src.options().device(torch::kCPU).pinned_memory(src.is_cuda()));
 #ifdef TUNE_TORCH_CUDA
     if (src.is_cuda()) {
       TORCH_CHECK(state_->side.has_value(), "activation offload: a CUDA tensor in a stash made for ",
                   state_->device.str());
+      block_ = PinnedPool::Get().Take(src.numel() * src.element_size());
+      // A view of the block; the block itself goes back to the pool (ReleaseBlock).
+      host_ = torch::from_blob(block_.ptr, src.sizes(), src.options().device(torch::kCPU));
       const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(src.device().index());
       const c10::cuda::CUDAStream& side = *state_->side;
       at::cuda::CUDAEvent ready;
@@ -48,12 +124,15 @@ class HostStash : public ops::ActivationStash {
         c10::cuda::CUDAStreamGuard guard(side);
         host_.copy_(src, /*non_blocking=*/true);
       }
+      block_.last_use = std::make_shared<at::cuda::CUDAEvent>();
+      block_.last_use->record(side);
       // x may be freed by main right after this; its block must not be
       // reused before the side stream has read it.
       c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), side);
       return;
     }
 #endif
+    host_ = torch::empty(src.sizes(), src.options().device(torch::kCPU));
     host_.copy_(src);
   }
 
@@ -94,7 +173,10 @@ class HostStash : public ops::ActivationStash {
       c10::cuda::CUDACachingAllocator::recordStream(device_.storage().data_ptr(), side);
       fetched_.emplace();
       fetched_->record(side);
-      host_ = torch::Tensor();  // the host allocator keeps the block until the copy is done
+      host_ = torch::Tensor();
+      block_.last_use = std::make_shared<at::cuda::CUDAEvent>();
+      block_.last_use->record(side);  // the pool waits for this copy before reusing the block
+      ReleaseBlock();
       return;
     }
 #endif
@@ -102,6 +184,14 @@ class HostStash : public ops::ActivationStash {
     host_ = torch::Tensor();
   }
 
+#ifdef TUNE_TORCH_CUDA
+  void ReleaseBlock() {
+    host_ = torch::Tensor();
+    PinnedPool::Get().Give(std::move(block_));
+    block_ = PinnedPool::Block();
+  }
+  PinnedPool::Block block_;  // CUDA: the pinned memory host_ views
+#endif
   std::shared_ptr<HostOffloader::State> state_;
   std::weak_ptr<HostStash> prev_;
   torch::Tensor host_, device_;

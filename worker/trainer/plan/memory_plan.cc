@@ -74,6 +74,21 @@ int64_t AttentionBytesPerToken(const PlanInputs& in) {
   return 0;
 }
 
+// What the SDPA backward allocates per token beyond its inputs (q/k/v, the
+// output, the output gradient): measured on the H200 with
+// `bench/sdpa_backends.py --memory` as 45,184 bytes for Llama-3-8B shapes
+// (cuDNN and flash alike, 2k to 344k tokens) = five [q] compute-dtype
+// tensors (the output gradient made contiguous, dq, dk and dv at all query
+// heads before the group sum, the output's contiguous copy), the summed dk and
+// dv, and the fp32 per-head row sums.
+int64_t SdpaBackwardBytesPerToken(const PlanInputs& in) {
+  if (in.attention == AttentionKernel::kMath) return 0;  // MathAttentionTransientPerToken
+  const model::LlamaConfig& c = in.model;
+  const int64_t cb = in.ComputeBytes();
+  const int64_t q = int64_t{c.num_attention_heads} * c.head_dim, kv = int64_t{c.num_key_value_heads} * c.head_dim;
+  return 5 * cb * q + 2 * cb * kv + 4 * c.num_attention_heads;
+}
+
 // Transient attention buffers on the math path while a layer is
 // differentiated: scores, masked scores, fp32 softmax input and the
 // probability gradient (heads x T per token).
@@ -107,6 +122,7 @@ std::vector<int> DivisorsDescending(int n) {
 Checkpointing ParseMode(const std::string& mode) {
   if (mode == "off") return Checkpointing::kOff;
   if (mode == "offload") return Checkpointing::kOffload;
+  if (mode == "selective") return Checkpointing::kSelective;
   return Checkpointing::kOn;
 }
 
@@ -117,6 +133,7 @@ const char* CheckpointingName(Checkpointing c) {
     case Checkpointing::kOff: return "off";
     case Checkpointing::kOn: return "on";
     case Checkpointing::kOffload: return "offload";
+    case Checkpointing::kSelective: return "selective";
   }
   return "on";
 }
@@ -192,35 +209,72 @@ int64_t OptimizerStateBytes(const PlanInputs& in) {
   return in.model.num_hidden_layers * per_layer;
 }
 
-int64_t LayerActivationBytesPerToken(const PlanInputs& in) {
+namespace {
+
+// What autograd keeps per token for the modules of one half of a layer
+// (LayerForward = MlpHalf(AttentionHalf(x))): RMSNorm keeps its fp32 input
+// (pow, mul) and 1/rms, the fused kernel its compute-dtype input and 1/rms;
+// its output is kept only by a LoRA A matmul (the NF4 matmul keeps no
+// activation); each LoRA A output is kept by B; dropout keeps its output and
+// mask.
+int64_t HalfBytesPerToken(const PlanInputs& in, bool mlp) {
   const model::LlamaConfig& c = in.model;
   const int64_t cb = in.ComputeBytes(), H = c.hidden_size, I = c.intermediate_size;
   const int64_t q = int64_t{c.num_attention_heads} * c.head_dim;
-  const bool qkv_lora = IsTarget(in, "q_proj") || IsTarget(in, "k_proj") || IsTarget(in, "v_proj");
-  const bool gate_up_lora = IsTarget(in, "gate_proj") || IsTarget(in, "up_proj");
-  // RMSNorm keeps its fp32 input (pow, mul) and 1/rms — the fused kernel its
-  // compute-dtype input and 1/rms; its output is kept only by a LoRA A matmul
-  // (the NF4 matmul keeps no activation).
-  int64_t b = 2 * ((in.fused_kernels ? cb : 4) * H + 4);
-  if (qkv_lora) b += cb * H;
-  if (gate_up_lora) b += cb * H;
-  b += AttentionBytesPerToken(in);
-  if (IsTarget(in, "o_proj")) b += cb * q;  // attention output, transposed copy
-  // silu keeps gate; the product keeps silu(gate) and up (fused: gate, up).
-  b += (in.fused_kernels ? 2 : 3) * cb * I;
-  if (IsTarget(in, "down_proj")) b += cb * I;
+  int64_t b = (in.fused_kernels ? cb : 4) * H + 4;
+  if (!mlp) {
+    if (IsTarget(in, "q_proj") || IsTarget(in, "k_proj") || IsTarget(in, "v_proj")) b += cb * H;
+    b += AttentionBytesPerToken(in);
+    if (IsTarget(in, "o_proj")) b += cb * q;  // attention output, transposed copy
+  } else {
+    if (IsTarget(in, "gate_proj") || IsTarget(in, "up_proj")) b += cb * H;
+    // silu keeps gate; the product keeps silu(gate) and up (fused: gate, up).
+    b += (in.fused_kernels ? 2 : 3) * cb * I;
+    if (IsTarget(in, "down_proj")) b += cb * I;
+  }
   for (const LinearShape& s : LinearShapes(c)) {
-    if (!IsTarget(in, s.name)) continue;
-    b += cb * in.lora_r;                                  // A output, kept by B
-    if (in.lora_dropout > 0) b += (cb + 1) * s.in;        // dropout output + mask
+    const bool in_mlp = s.name == "gate_proj" || s.name == "up_proj" || s.name == "down_proj";
+    if (in_mlp != mlp || !IsTarget(in, s.name)) continue;
+    b += cb * in.lora_r;
+    if (in.lora_dropout > 0) b += (cb + 1) * s.in;
   }
   return b;
 }
 
+// Compute-dtype copies of one layer's gate/up/down LoRA A and B, kept by the
+// MLP node (llama.cc MlpFunction) until its backward.
+int64_t MlpLoraCastBytes(const PlanInputs& in) {
+  if (in.ComputeBytes() == 4) return 0;  // .to(fp32) of an fp32 leaf is the leaf
+  int64_t n = 0;
+  for (const LinearShape& s : LinearShapes(in.model)) {
+    const bool in_mlp = s.name == "gate_proj" || s.name == "up_proj" || s.name == "down_proj";
+    if (in_mlp && IsTarget(in, s.name)) n += int64_t{in.lora_r} * (s.in + s.out);
+  }
+  return in.ComputeBytes() * n;
+}
+
+// The checkpointing the model really runs: selective falls back to whole
+// layers while LoRA dropout is active, offload to on without CUDA.
+Checkpointing EffectiveMode(const PlanInputs& in, Checkpointing ckpt) {
+  if (ckpt == Checkpointing::kSelective && in.lora_dropout > 0) return Checkpointing::kOn;
+  if ((!kActivationOffloadImplemented || !in.cuda) && ckpt == Checkpointing::kOffload) return Checkpointing::kOn;
+  return ckpt;
+}
+
+}  // namespace
+
+int64_t LayerActivationBytesPerToken(const PlanInputs& in) {
+  return HalfBytesPerToken(in, false) + HalfBytesPerToken(in, true);
+}
+
 int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt) {
   const int64_t L = in.model.num_hidden_layers;
-  if (ckpt == Checkpointing::kOff) return L * LayerActivationBytesPerToken(in);
-  if (ckpt == Checkpointing::kOffload && in.cuda) return 0;
+  switch (EffectiveMode(in, ckpt)) {
+    case Checkpointing::kOff: return L * LayerActivationBytesPerToken(in);
+    case Checkpointing::kOffload: return 0;
+    case Checkpointing::kSelective: return 2 * L * int64_t{in.model.hidden_size} * in.ComputeBytes();
+    case Checkpointing::kOn: break;
+  }
   return L * int64_t{in.model.hidden_size} * in.ComputeBytes();
 }
 
@@ -234,7 +288,7 @@ nlohmann::json Breakdown::ToJson() const {
 
 Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   if (micro <= 0) throw PlanError("micro_batch_size must be > 0");
-  if ((!kActivationOffloadImplemented || !in.cuda) && ckpt == Checkpointing::kOffload) ckpt = Checkpointing::kOn;
+  ckpt = EffectiveMode(in, ckpt);
   const model::LlamaConfig& c = in.model;
   const int64_t cb = in.ComputeBytes(), H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
   const int64_t L = c.num_hidden_layers;
@@ -255,7 +309,10 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // LoRA matmuls (none when computing in fp32: .to() returns the tensor).
   const int64_t casts_per_layer = cb == 4 ? 0 : cb * LoraParamsPerLayer(in);
   const int64_t layer = LayerActivationBytesPerToken(in) * N;
-  const int64_t model_saved = SavedActivationBytesPerToken(in, ckpt) * N + casts_per_layer * (ckpt == Checkpointing::kOff ? L : 0);
+  const int64_t model_saved = SavedActivationBytesPerToken(in, ckpt) * N +
+                              (ckpt == Checkpointing::kOff         ? casts_per_layer * L
+                               : ckpt == Checkpointing::kSelective ? MlpLoraCastBytes(in) * L
+                                                                   : 0);
 
   // Phase A: cross-entropy backward (everything the model saved, the final
   // RMSNorm's fp32 input, the normed hidden states, selected rows + their
@@ -278,9 +335,52 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // With offload the layer's input comes back to the device for the recompute,
   // and the previous layer's input is already being prefetched (offload.h).
   const int64_t fetched = ckpt == Checkpointing::kOffload ? 2 * N * H * cb : 0;
-  const int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) +
-                            MathAttentionTransientPerToken(in) * N;
-  const int64_t layer_transient = dequant + N * cb * (H + I);
+  const int64_t math = MathAttentionTransientPerToken(in) * N;
+  int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) + math;
+  int64_t layer_transient = dequant + N * cb * (H + I);
+  // The MLP as one node (MlpFunction): selective checkpointing, or long
+  // micro-batches with checkpointing (model::kMlpChunkAbove). Its backward
+  // holds one chunk's recomputed MLP, the chunk's [I] input gradient, the
+  // incoming gradient and its own [N, H] output gradient.
+  const bool mlp_node = ckpt == Checkpointing::kSelective ||
+                        (ckpt != Checkpointing::kOff && in.lora_dropout == 0 && N > model::kMlpChunkAbove);
+  // With checkpointing the recomputed layer's output is the root of its
+  // backward and stays alive until that ends.
+  const int64_t root = ckpt == Checkpointing::kOff ? 0 : N * cb * H;
+  layer_act += root;
+  if (mlp_node) {
+    const int64_t C = N > model::kMlpChunkAbove ? model::kMlpChunkTokens : N;
+    const int64_t attn = HalfBytesPerToken(in, false) * N;
+    const int64_t mlp_phase = C * HalfBytesPerToken(in, true) + MlpLoraCastBytes(in);
+    if (ckpt == Checkpointing::kSelective) {
+      // The MLP node's backward, then the attention half's recompute and
+      // backward; both on top of every layer's two kept inputs.
+      const int64_t attn_phase = attn + casts_per_layer + N * cb * H;
+      layer_act = model_saved + math + std::max(mlp_phase, attn_phase);
+    } else {
+      // Inside the layer's recompute: the attention half's activations and
+      // the node's input r wait while the node differentiates chunk by chunk.
+      layer_act = model_saved + fetched + attn + N * cb * H + casts_per_layer + mlp_phase + math + root;
+    }
+    layer_transient = dequant + 2 * N * cb * H + C * cb * I;
+  }
+  if (ckpt != Checkpointing::kOff) {
+    // The attention half's backward, once the MLP's is done: its recomputed
+    // activations minus o_proj's input (freed by o_proj's backward), the
+    // incoming gradient, the recomputed layer output, the attention output's
+    // gradient and SDPA's backward buffers. At long contexts, where the MLP
+    // runs chunked, this is the layer's peak.
+    const int64_t o_input = IsTarget(in, "o_proj") ? cb * int64_t{c.num_attention_heads} * c.head_dim : 0;
+    const int64_t kept = ckpt == Checkpointing::kSelective ? model_saved : model_saved + fetched;
+    const int64_t attn_act = kept + casts_per_layer + math +
+                             N * (HalfBytesPerToken(in, false) - o_input + 2 * cb * H);
+    const int64_t attn_transient = dequant + N * (cb * int64_t{c.num_attention_heads} * c.head_dim +
+                                                  SdpaBackwardBytesPerToken(in));
+    if (attn_act + attn_transient > layer_act + layer_transient) {
+      layer_act = attn_act;
+      layer_transient = attn_transient;
+    }
+  }
 
   // Phase C: gradient all-reduce bucket (activations are gone by then).
   int64_t largest_lora = 0;
@@ -304,7 +404,8 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   }
   b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;
   if (ckpt == Checkpointing::kOffload) {
-    b.host = L * N * H * cb + (c.tie_word_embeddings ? 0 : V * H * cb);
+    // Pinned blocks per layer input (offload.cc), and the untied embedding.
+    b.host = L * model::PinnedBlockBytes(N * H * cb) + (c.tie_word_embeddings ? 0 : V * H * cb);
   }
   b.reserved = RoundUp(static_cast<int64_t>(std::ceil(static_cast<double>(b.peak_allocated) * (1.0 + kFragmentation))),
                        int64_t{2} << 20);

@@ -29,7 +29,11 @@
 //                  With checkpointing only each layer's input is kept, plus
 //                  one layer's intermediates while it is recomputed; with
 //                  offload the inputs live in host memory instead (two are
-//                  on the device in backward: the current and the prefetched).
+//                  on the device in backward: the current and the prefetched);
+//                  selective keeps the residual stream after attention too.
+//                  The MLP as one node (llama.cc MlpFunction: selective, or
+//                  more than model::kMlpChunkAbove tokens with checkpointing)
+//                  holds one chunk of its intermediates in backward.
 //   * logits     — ChunkedCrossEntropySum's backward, 1024 rows at a time:
 //                  a compute-dtype logits chunk, its fp32 copy and the fp32
 //                  softmax are alive together (C++ temporaries live to the end
@@ -39,7 +43,10 @@
 //                  an int64 copy of the packed bytes and the fp32 values
 //                  (8 bytes per element of the largest linear) coexist;
 //                  plus the incoming gradient and one [I] input gradient of
-//                  the layer being differentiated.
+//                  the layer being differentiated; in the attention half's
+//                  backward the attention output's gradient and SDPA's own
+//                  buffers (SdpaBackwardBytesPerToken, measured with
+//                  bench/sdpa_backends.py --memory).
 //   * workspace  — CUDA only: torch >= 2 allocates a 32 MiB cuBLAS workspace
 //                  (Hopper default, shared with cuBLASLt) through the caching
 //                  allocator per thread handle; forward runs on the main
@@ -52,7 +59,9 @@
 // checkpointing on, NF4 double quant, adamw_8bit, LoRA r=16 all linears
 // measures 7.57 GiB peak allocated with the torch ops (predicted 7.566 GiB)
 // and 6.73 GiB with the fused kernels (predicted 6.73 GiB); with offload
-// 5.28 GiB (predicted 5.28 GiB).
+// 5.28 GiB (predicted 5.28 GiB). Micro 8 with the fused kernels and fp32 AdamW:
+// 13.14 GiB measured on vs 13.05 predicted, selective 17.06 vs 16.41; batch 1
+// with offload at seq 131,072: 20.12 vs 20.18 GiB.
 //
 // Reserved memory = allocated x (1 + kFragmentation), see memory_plan.cc.
 // Budget = free memory x safety margin (default 0.90). A plan fits when its
@@ -79,8 +88,12 @@ class PlanError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class Checkpointing { kOff, kOn, kOffload };
-const char* CheckpointingName(Checkpointing c);  // "off" | "on" | "offload"
+// kSelective (model SetSelectiveRecompute): each layer keeps its input and
+// the residual stream after attention; only the attention half and the gate/up
+// projections are recomputed. Never chosen by "auto" (it trades memory for
+// speed only when asked).
+enum class Checkpointing { kOff, kOn, kOffload, kSelective };
+const char* CheckpointingName(Checkpointing c);  // "off" | "on" | "offload" | "selective"
 
 // The attention kernel LayerForward reaches (llama_ops.cc Attention).
 enum class AttentionKernel {
@@ -137,7 +150,7 @@ struct PlanInputs {
   int effective_batch_size = 8;
   int world_size = 1;
   int micro_batch_size = 0;              // 0 = choose
-  std::string checkpointing = "auto";    // auto | on | off | offload
+  std::string checkpointing = "auto";    // auto | on | off | offload | selective
   bool cuda = true;
   AttentionKernel attention = AttentionKernel::kSdpa;
   // The fused CUDA kernels (model/cuda_ops.h) run: CUDA, bf16 compute, kernels
@@ -170,7 +183,7 @@ int64_t OptimizerStateBytes(const PlanInputs& in);
 int64_t LayerActivationBytesPerToken(const PlanInputs& in);
 // Bytes kept per token across the whole model between forward and backward:
 // L x LayerActivationBytesPerToken without checkpointing, L x hidden x dtype
-// (the layer inputs) with it, 0 with offload on CUDA.
+// (the layer inputs) with it, twice that with selective, 0 with offload on CUDA.
 int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt);
 
 // Peak composition of one (micro-batch, checkpointing) choice. All bytes.

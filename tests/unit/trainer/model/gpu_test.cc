@@ -172,16 +172,48 @@ TEST(Gpu, CheckpointingReplaysCudaDropout) {
   for (size_t i = 0; i < g0.size(); ++i) EXPECT_TRUE(torch::allclose(g0[i], g1[i], 1e-4, 1e-6)) << i;
 }
 
+// SmallConfig widened so the CUDA kernels see realistic row sizes.
+LlamaConfig WideSmallConfig(int layers) {
+  LlamaConfig c = SmallConfig();
+  c.hidden_size = 256;
+  c.intermediate_size = 512;
+  c.head_dim = 64;
+  c.num_hidden_layers = layers;
+  return c;
+}
+
+struct StepResult {
+  double loss = 0;
+  double peak_gib = 0;  // allocator peak of the step above what was allocated before it
+  std::vector<torch::Tensor> grads;  // LoRA gradients, on the host
+};
+
+// One forward + backward on the device with the model's current settings.
+StepResult MeasuredStep(LlamaForCausalLM& m, const torch::Tensor& ids, const torch::Tensor& labels, int64_t ce_chunk,
+                        uint64_t seed) {
+  const int64_t B = ids.size(0), T = ids.size(1);
+  torch::Tensor pos = torch::arange(T, torch::kInt64).repeat({B, 1});
+  for (auto& [n, p] : m.LoraParameters()) p.mutable_grad().reset();
+  torch::cuda::synchronize();
+  ResetPeak();
+  const double base = AllocatedGiB();
+  torch::manual_seed(seed);  // CUDA dropout masks repeat between runs
+  torch::Tensor l = m.LossSum(m.ForwardHidden(ids, pos), labels, ce_chunk);
+  l.backward();
+  torch::cuda::synchronize();
+  StepResult r;
+  r.loss = l.item<double>();
+  r.peak_gib = PeakGiB() - base;
+  for (auto& [n, p] : m.LoraParameters()) r.grads.push_back(p.grad().cpu());
+  return r;
+}
+
 // gradient_checkpointing: offload. Layer inputs go to pinned host memory on a
 // side stream and come back prefetched; the untied embedding stays on the
 // host. Same loss and gradients as checkpointing on the device (with CUDA
 // dropout replayed), less device memory, and back on the device when off.
 TEST(Gpu, OffloadMatchesOnDeviceCheckpointing) {
-  LlamaConfig c = SmallConfig();
-  c.hidden_size = 256;
-  c.intermediate_size = 512;
-  c.head_dim = 64;
-  c.num_hidden_layers = 6;
+  LlamaConfig c = WideSmallConfig(6);
   LoadOptions o = Fp32Options("nf4");
   o.device = torch::kCUDA;
   o.lora.dropout = 0.3;
@@ -189,32 +221,19 @@ TEST(Gpu, OffloadMatchesOnDeviceCheckpointing) {
   RandomizeLora(*m, 9);
   const int64_t B = 4, T = 1024;
   torch::Tensor ids = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
-  torch::Tensor pos = torch::arange(T, torch::kInt64).repeat({B, 1});
   torch::Tensor labels = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
-  auto run = [&](bool offload, double* loss, double* peak) {
+  auto run = [&](bool offload) {
     m->SetGradientCheckpointing(true);
     m->SetActivationOffload(offload);
-    for (auto& [n, p] : m->LoraParameters()) p.mutable_grad().reset();
-    torch::cuda::synchronize();
-    ResetPeak();
-    const double base = AllocatedGiB();
-    torch::manual_seed(78);
-    torch::Tensor l = m->LossSum(m->ForwardHidden(ids, pos), labels, 256);
-    l.backward();
-    torch::cuda::synchronize();
-    *loss = l.item<double>();
-    *peak = PeakGiB() - base;
-    std::vector<torch::Tensor> g;
-    for (auto& [n, p] : m->LoraParameters()) g.push_back(p.grad().cpu());
-    return g;
+    return MeasuredStep(*m, ids, labels, 256, 78);
   };
-  double loss_on = 0, loss_off = 0, peak_on = 0, peak_off = 0;
-  auto g_on = run(false, &loss_on, &peak_on);
+  const StepResult on = run(false);
   EXPECT_FALSE(m->embedding_on_host());
-  auto g_off = run(true, &loss_off, &peak_off);
+  const StepResult off = run(true);
   EXPECT_TRUE(m->embedding_on_host());
+  const double loss_on = on.loss, loss_off = off.loss, peak_on = on.peak_gib, peak_off = off.peak_gib;
   EXPECT_NEAR(loss_on, loss_off, 1e-6 * std::abs(loss_on));
-  for (size_t i = 0; i < g_on.size(); ++i) EXPECT_TRUE(torch::allclose(g_on[i], g_off[i], 1e-4, 1e-6)) << i;
+  for (size_t i = 0; i < on.grads.size(); ++i) EXPECT_TRUE(torch::allclose(on.grads[i], off.grads[i], 1e-4, 1e-6)) << i;
 #ifdef TUNE_GPU_TEST_HAVE_ALLOCATOR_STATS
   // On the device all six fp32 layer inputs (B x T x H) are kept; offloaded
   // at most two (the one recomputed, the one prefetched).
@@ -224,6 +243,45 @@ TEST(Gpu, OffloadMatchesOnDeviceCheckpointing) {
               loss_on, peak_off * 1024, peak_on * 1024);
   m->SetActivationOffload(false);
   EXPECT_FALSE(m->embedding_on_host());
+}
+
+// bf16 with the fused kernels: selective recompute and the chunked MLP node
+// (68 x 1024 tokens > kMlpChunkAbove) against plain autograd.
+TEST(Gpu, SelectiveAndChunkedMlpMatchPlainBackward) {
+  LlamaConfig c = WideSmallConfig(4);
+  LoadOptions o = Fp32Options("nf4");
+  o.device = torch::kCUDA;
+  o.compute_dtype = torch::kBFloat16;
+  auto m = BuildModel(c, RandomWeights(c, 30), o);
+  RandomizeLora(*m, 31);
+  for (const int64_t B : {int64_t{4}, int64_t{68}}) {
+    const int64_t T = 1024;
+    torch::Tensor ids = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
+    torch::Tensor labels = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
+    auto run = [&](bool ckpt, bool selective) {
+      m->SetGradientCheckpointing(ckpt);
+      m->SetSelectiveRecompute(selective);
+      return MeasuredStep(*m, ids, labels, 4096, 1);
+    };
+    const StepResult r[3] = {run(false, false), run(true, false), run(true, true)};
+    for (int k : {1, 2}) {
+      EXPECT_NEAR(r[k].loss, r[0].loss, 2e-3 * std::abs(r[0].loss)) << "B " << B << " mode " << k;
+      for (size_t i = 0; i < r[0].grads.size(); ++i) {
+        const double err = (r[0].grads[i] - r[k].grads[i]).norm().item<double>();
+        const double ref = r[0].grads[i].norm().item<double>();
+        EXPECT_LE(err, 2e-2 * ref) << "B " << B << " mode " << k << " param " << i;
+      }
+    }
+    std::printf("B %ld x T %ld: loss %.4f / %.4f / %.4f, step peak above weights %.1f / %.1f / %.1f MiB "
+                "(plain / checkpointing / selective)\n",
+                static_cast<long>(B), static_cast<long>(T), r[0].loss, r[1].loss, r[2].loss, r[0].peak_gib * 1024,
+                r[1].peak_gib * 1024, r[2].peak_gib * 1024);
+#ifdef TUNE_GPU_TEST_HAVE_ALLOCATOR_STATS
+    EXPECT_LT(r[1].peak_gib, r[2].peak_gib);  // selective keeps one more [tokens, hidden] per layer
+    EXPECT_LT(r[2].peak_gib, r[0].peak_gib);
+#endif
+  }
+  m->SetSelectiveRecompute(false);
 }
 
 // Llama-3-8B shapes, 2 layers: NF4 base, bf16 compute, seq 2048, checkpointing.

@@ -5,8 +5,13 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "tests/unit/trainer/model/test_util.h"
 #include "worker/trainer/model/safetensors.h"
@@ -281,6 +286,94 @@ TEST(Llama, GradientCheckpointingGivesEqualGrads) {
       EXPECT_GT(g0[i].abs().sum().item<double>(), 0) << base << " param " << i;
     }
   }
+}
+
+// Loss and LoRA gradients of one forward/backward, with the model's
+// checkpointing as set by `configure`.
+std::pair<double, std::vector<torch::Tensor>> LossAndGrads(LlamaForCausalLM& m, const torch::Tensor& ids,
+                                                           const torch::Tensor& labels,
+                                                           const std::function<void()>& configure) {
+  configure();
+  const int64_t B = ids.size(0), T = ids.size(1);
+  torch::Tensor pos = torch::arange(T, torch::kInt64).repeat({B, 1});
+  for (auto& [n, p] : m.LoraParameters()) p.mutable_grad().reset();
+  torch::manual_seed(123);
+  torch::Tensor loss = m.LossSum(m.ForwardHidden(ids, pos), labels, 4096);
+  loss.backward();
+  std::vector<torch::Tensor> g;
+  for (auto& [n, p] : m.LoraParameters()) g.push_back(p.grad().clone());
+  return {loss.item<double>(), g};
+}
+
+void ExpectSameGrads(const std::pair<double, std::vector<torch::Tensor>>& want,
+                     const std::pair<double, std::vector<torch::Tensor>>& got, double rtol, const std::string& what) {
+  EXPECT_NEAR(want.first, got.first, rtol * std::abs(want.first)) << what;
+  ASSERT_EQ(want.second.size(), got.second.size()) << what;
+  for (size_t i = 0; i < want.second.size(); ++i) {
+    // Relative to the whole tensor: summation order moves single elements
+    // near zero by more than rtol of themselves.
+    const double err = (want.second[i] - got.second[i]).norm().item<double>();
+    const double ref = want.second[i].norm().item<double>();
+    EXPECT_LE(err, rtol * ref) << what << " param " << i << ": |diff| " << err << " vs |grad| " << ref;
+    EXPECT_GT(want.second[i].abs().sum().item<double>(), 0) << what << " param " << i;
+  }
+}
+
+// A SmallConfig model with `o` (weights and adapters from `seed`) on one
+// random [B, T] batch: without checkpointing, with whole layers recomputed,
+// and with selective recompute.
+struct ThreeModes {
+  std::pair<double, std::vector<torch::Tensor>> plain, full, selective;
+};
+ThreeModes RunThreeModes(const LoadOptions& o, uint64_t seed, int64_t B, int64_t T) {
+  LlamaConfig c = SmallConfig();
+  auto model = BuildModel(c, RandomWeights(c, seed), o);
+  LlamaForCausalLM& m = *model;
+  RandomizeLora(m, seed + 1);
+  torch::Tensor ids = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
+  torch::Tensor labels = torch::randint(0, c.vocab_size, {B, T}, torch::kInt64);
+  ThreeModes r;
+  r.plain = LossAndGrads(m, ids, labels, [&] { m.SetGradientCheckpointing(false); });
+  r.full = LossAndGrads(m, ids, labels, [&] {
+    m.SetGradientCheckpointing(true);
+    m.SetSelectiveRecompute(false);
+  });
+  r.selective = LossAndGrads(m, ids, labels, [&] { m.SetSelectiveRecompute(true); });
+  return r;
+}
+
+TEST(Llama, SelectiveRecomputeGivesEqualGrads) {
+  const std::vector<std::vector<std::string>> target_sets = {
+      {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+      {"q_proj", "v_proj", "down_proj"},  // no LoRA on gate/up: absent inputs of the MLP node
+      {"k_proj", "o_proj"}};              // no LoRA in the MLP at all
+  for (const std::string base : {"bf16", "nf4"}) {
+    for (const auto& targets : target_sets) {
+      LoadOptions o = Fp32Options(base);
+      o.lora.targets = targets;
+      const std::string what = base + " " + targets.front() + ".." + targets.back();
+      const ThreeModes r = RunThreeModes(o, 20, 3, 7);
+      ExpectSameGrads(r.plain, r.full, 1e-5, what + " full");
+      ExpectSameGrads(r.plain, r.selective, 1e-5, what + " selective");
+    }
+  }
+  // LoRA dropout: the layer is checkpointed whole, so the masks replay.
+  LoadOptions o = Fp32Options("nf4");
+  o.lora.dropout = 0.2;
+  const ThreeModes r = RunThreeModes(o, 22, 2, 6);
+  ExpectSameGrads(r.plain, r.selective, 1e-5, "dropout");
+}
+
+TEST(Llama, LongMicroBatchChunksTheMlpWithEqualGrads) {
+  // 520 x 128 = 66,560 tokens: above kMlpChunkAbove, so with checkpointing
+  // every MLP runs as a node over 16,384-token chunks plus a 1,024-token tail.
+  static_assert(kMlpChunkAbove < 520 * 128 && (520 * 128) % kMlpChunkTokens != 0);
+  LoadOptions o = Fp32Options("nf4");
+  o.lora.targets = {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  const ThreeModes r = RunThreeModes(o, 24, 520, 128);
+  // Sums over 66k tokens in a different order: fp32 rounding, not math.
+  ExpectSameGrads(r.plain, r.full, 1e-4, "checkpointing, chunked MLP");
+  ExpectSameGrads(r.plain, r.selective, 1e-4, "selective, chunked MLP");
 }
 
 TEST(Llama, LoraTrainingReducesLoss) {
