@@ -2,7 +2,7 @@
 # GPU smoke run of tune-train on a random-init Llama-3-8B-shaped model (issue 3, acceptance 6):
 # NF4 base, seq 2048, micro-batch 1, gradient checkpointing on, 5 steps. Prints peak VRAM and
 # tokens/s from the step events, and the memory planner's predicted peak against the measured one.
-# Usage: [PRESET=tiny] [MICRO=1] [CKPT=on|off|offload] bench/gpu_smoke.sh BUILD_DIR WORK_DIR  (PRESET default llama3-8b)
+# Usage: [PRESET=tiny] [MICRO=1] [CKPT=on|off|offload|selective] bench/gpu_smoke.sh BUILD_DIR WORK_DIR  (PRESET default llama3-8b)
 set -euo pipefail
 build=$(cd "${1:?usage: gpu_smoke.sh BUILD_DIR WORK_DIR}" && pwd)
 work=${2:?usage: gpu_smoke.sh BUILD_DIR WORK_DIR}
