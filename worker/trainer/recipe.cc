@@ -650,7 +650,8 @@ void Trainer::StepDownAfterOom(int64_t step, int attempt, int ranks_oom, const s
     cfg_.gradient_checkpointing = true;
     model_->SetGradientCheckpointing(true);
     change = "gradient checkpointing on";
-  } else if (cfg_.selective_recompute) {
+  } else if (cfg_.selective_recompute && cfg_.spec.lora.dropout == 0) {
+    // (With LoRA dropout the model already recomputes whole layers.)
     // Selective keeps one more [tokens, hidden] tensor per layer.
     cfg_.selective_recompute = false;
     model_->SetSelectiveRecompute(false);

@@ -178,8 +178,14 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
     }
     variable_list result(8);
     torch::Tensor dr = need_r ? torch::empty_like(r) : torch::Tensor();
+    // LoRA gradients are summed over chunks in fp32 (one rounding at the end).
     auto accumulate = [&](int i, const torch::Tensor& g) {
-      if (g.defined()) result[i] = result[i].defined() ? result[i].add_(g) : g;
+      if (!g.defined()) return;
+      if (result[i].defined()) {
+        result[i].add_(g);
+      } else {
+        result[i] = g.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);
+      }
     };
     for (int64_t s = 0; s < n; s += w.chunk) {
       const int64_t e = std::min(n, s + w.chunk);
@@ -217,6 +223,9 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
         ++k;
       }
       for (int i : slot) accumulate(i, grads[k++]);
+    }
+    for (int i = 1; i <= 6; ++i) {
+      if (result[i].defined()) result[i] = result[i].to(saved[i].scalar_type());
     }
     result[0] = dr;
     return result;

@@ -31,10 +31,12 @@ namespace {
 
 #ifdef TUNE_TORCH_CUDA
 // Pinned host blocks for layer inputs, sized by PinnedBlockBytes and reused
-// from step to step (pinning is slow: ~25 ms per 128 MiB). Idle blocks of
-// another size are unpinned before new memory is pinned, so a change of
-// micro-batch shape leaves at most one step's blocks behind. Process-wide and
-// never destroyed (blocks may outlive any one offloader).
+// from micro-batch to micro-batch (pinning is slow: ~25 ms per 128 MiB). A
+// request takes the smallest idle block that is large enough, so micro-batches
+// of varying length share the blocks of the longest; only when none is large
+// enough is memory pinned, after unpinning the idle blocks that are too small
+// (they would only be smaller than later requests too). Process-wide and never
+// destroyed (blocks may outlive any one offloader).
 class PinnedPool {
  public:
   struct Block {
@@ -54,11 +56,12 @@ class PinnedPool {
     std::vector<Block> stale;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = idle_.find(bytes);
+      auto it = idle_.lower_bound(bytes);
       if (it != idle_.end()) {
         b = it->second;
         idle_.erase(it);
       } else {
+        // Every idle block is smaller than this request.
         for (auto& [size, blk] : idle_) stale.push_back(blk);
         idle_.clear();
       }

@@ -286,8 +286,33 @@ nlohmann::json Breakdown::ToJson() const {
           {"host", host}};
 }
 
+namespace {
+Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt);
+}  // namespace
+
 Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   if (micro <= 0) throw PlanError("micro_batch_size must be > 0");
+  Breakdown b = PlanForTokens(in, micro, ckpt);
+  // Collate pads a micro-batch to its own longest example, so micro-batches
+  // may be shorter than micro x seq_len; one at or just under
+  // kMlpChunkAbove tokens runs its MLP unchunked and can need more than the
+  // longest (chunked) one. Plan for the larger of the two.
+  const int64_t N = int64_t{micro} * in.seq_len;
+  if (EffectiveMode(in, ckpt) != Checkpointing::kOff && N > model::kMlpChunkAbove && in.lora_dropout == 0) {
+    PlanInputs shorter = in;
+    shorter.seq_len = std::max<int64_t>(1, model::kMlpChunkAbove / micro);
+    Breakdown s = PlanForTokens(shorter, micro, ckpt);
+    if (s.peak_allocated > b.peak_allocated) {
+      s.host = b.host;  // host blocks are sized for the longest
+      b = s;
+    }
+  }
+  return b;
+}
+
+namespace {
+
+Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   ckpt = EffectiveMode(in, ckpt);
   const model::LlamaConfig& c = in.model;
   const int64_t cb = in.ComputeBytes(), H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
@@ -351,7 +376,9 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   if (mlp_node) {
     const int64_t C = N > model::kMlpChunkAbove ? model::kMlpChunkTokens : N;
     const int64_t attn = HalfBytesPerToken(in, false) * N;
-    const int64_t mlp_phase = C * HalfBytesPerToken(in, true) + MlpLoraCastBytes(in);
+    // (This layer's MLP LoRA copies are among model_saved's with selective,
+    // among casts_per_layer's inside a layer recompute.)
+    const int64_t mlp_phase = C * HalfBytesPerToken(in, true);
     if (ckpt == Checkpointing::kSelective) {
       // The MLP node's backward, then the attention half's recompute and
       // backward; both on top of every layer's two kept inputs.
@@ -412,6 +439,8 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   b.slack = b.reserved - b.peak_allocated;
   return b;
 }
+
+}  // namespace
 
 nlohmann::json MemoryPlan::ToJson() const {
   nlohmann::json j = {{"micro_batch_size", micro_batch_size},

@@ -208,7 +208,11 @@ struct Breakdown {
 };
 
 // Predicts the peak for a given split. The runtime's OOM re-planning calls
-// this after halving the micro-batch or changing checkpointing.
+// this after halving the micro-batch or changing checkpointing. Above
+// model::kMlpChunkAbove tokens per micro-batch it is the larger of that plan
+// and one for a micro-batch of exactly kMlpChunkAbove tokens (micro-batches
+// are padded only to their own longest example, and at the threshold the MLP
+// runs unchunked).
 Breakdown PlanFor(const PlanInputs& in, int micro_batch_size, Checkpointing ckpt);
 
 struct MemoryPlan {

@@ -245,13 +245,13 @@ TEST(MemoryPlanTest, SelectiveKeepsTwoTensorsPerLayerAndRecomputesTheMlpInANode)
   PlanInputs in = Fused8B(2048);
   EXPECT_EQ(LayerActivationBytesPerToken(in), kAttnHalf + kMlpHalf);
   EXPECT_EQ(SavedActivationBytesPerToken(in, Checkpointing::kSelective), 2 * 32 * 4096 * 2);
-  // 8 x 2048 tokens: the MLP node's backward (16,384 x 102,500 + its LoRA
-  // copies) outweighs the attention half's recompute (16,384 x (45,316 +
-  // 8,192) + all LoRA copies), on top of 32 layers x 2 x 16,384 x 8,192.
+  // 8 x 2048 tokens: the MLP node's backward (16,384 x 102,500) outweighs the
+  // attention half's recompute (16,384 x (45,316 + 8,192) + all LoRA copies),
+  // on top of 32 layers x 2 x 16,384 x 8,192 and every MLP node's LoRA copies.
   const int64_t N = 8 * 2048;
   const Breakdown b = PlanFor(in, 8, Checkpointing::kSelective);
   ASSERT_EQ(b.peak_phase, "layer_backward");
-  EXPECT_EQ(b.activations, 32 * 2 * N * 8192 + 32 * kMlpCasts + N * kMlpHalf + kMlpCasts);
+  EXPECT_EQ(b.activations, 32 * 2 * N * 8192 + 32 * kMlpCasts + N * kMlpHalf);
   // Transient: the 117,440,512-byte dequantised gate (bf16), the incoming
   // gradient and the node's own gradient (2 x N x 8,192), one [N, I] gradient.
   EXPECT_EQ(b.transient, 14336LL * 4096 * 2 + 2 * N * 8192 + N * 14336 * 2);
@@ -274,7 +274,7 @@ TEST(MemoryPlanTest, LongContextOffloadChunksTheMlp) {
   // + 2 x 2,048 + 128 = 45,184), plus the dequantised 14336x4096 weight. The
   // second is the peak: the chunked MLP is no longer what bounds the length.
   const int64_t N = 344064;
-  const int64_t mlp_phase = N * (16384 + kAttnHalf + 16384) + kLayerCasts + 16384 * kMlpHalf + kMlpCasts +
+  const int64_t mlp_phase = N * (16384 + kAttnHalf + 16384) + kLayerCasts + 16384 * kMlpHalf +
                             14336LL * 4096 * 2 + 2 * N * 8192 + 16384LL * 14336 * 2;
   const int64_t attn_act = N * (16384 + kAttnHalf - 8192 + 16384) + kLayerCasts;
   const int64_t attn_transient = 14336LL * 4096 * 2 + N * (8192 + 45184);
@@ -293,6 +293,18 @@ TEST(MemoryPlanTest, LongContextOffloadChunksTheMlp) {
   EXPECT_EQ(b.peak_allocated, 47921963904LL);
   // Host: 32 pinned blocks of 11 x 2^28 bytes and the embedding.
   EXPECT_EQ(b.host, 32 * 11 * (int64_t{1} << 28) + kEmbedding);
+}
+
+TEST(MemoryPlanTest, ShorterMicroBatchesWithAnUnchunkedMlpArePlannedFor) {
+  // Collate pads a micro-batch only to its own longest example, so a plan for
+  // 80,000 tokens (MLP chunked) must also hold a 65,536-token micro-batch,
+  // whose MLP runs whole and needs more.
+  const Breakdown at_threshold = PlanFor(Fused8B(model::kMlpChunkAbove), 1, Checkpointing::kOffload);
+  const Breakdown longer = PlanFor(Fused8B(80000), 1, Checkpointing::kOffload);
+  EXPECT_EQ(longer.peak_allocated, at_threshold.peak_allocated);
+  EXPECT_EQ(longer.host, 32 * model::PinnedBlockBytes(80000LL * 8192) + kEmbedding);  // sized for the longest
+  // Far above the threshold the chunked plan of the longest is the larger.
+  EXPECT_GT(PlanFor(Fused8B(344064), 1, Checkpointing::kOffload).peak_allocated, at_threshold.peak_allocated);
 }
 
 TEST(MemoryPlanTest, OffloadMustFitHostMemoryToo) {
