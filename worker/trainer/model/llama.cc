@@ -41,6 +41,17 @@ struct FrozenWeight : torch::CustomClassHolder {
   torch::Tensor Get(torch::ScalarType dtype) const { return nf4 ? DequantizeForMatmul(*nf4, dtype) : dense; }
 };
 
+// An empty tensor standing for an absent input of the autograd functions
+// below (torch 1.13's autograd rejects undefined inputs).
+torch::Tensor Absent(const torch::Tensor& like) { return torch::empty({0}, like.options().requires_grad(false)); }
+
+// xa = s x A^T: what the B GEMM consumes and dB needs.
+torch::Tensor ScaledLoraInput(const torch::Tensor& x, const torch::Tensor& a, double scaling) {
+  torch::Tensor xa = x.mm(a.t());
+  if (scaling != 1.0) xa.mul_(scaling);
+  return xa;
+}
+
 // y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x without autograd; also
 // returns xa = s x A^T (undefined without LoRA), which dB needs. The LoRA term
 // and the residual are accumulated by the GEMMs themselves (addmm), so no
@@ -52,8 +63,7 @@ std::pair<torch::Tensor, torch::Tensor> LoraLinearForward(const torch::Tensor& x
   torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
   torch::Tensor xa;
   if (a.numel() > 0) {
-    xa = x.mm(a.t());
-    if (scaling != 1.0) xa.mul_(scaling);
+    xa = ScaledLoraInput(x, a, scaling);
     y.addmm_(xa, b.t());
   }
   return {y, xa};
@@ -123,7 +133,7 @@ struct MlpWeights : torch::CustomClassHolder {
   // (grad mode on) they form the graph MlpFunction differentiates.
   torch::Tensor Activation(const torch::Tensor& r, const torch::Tensor& ag, const torch::Tensor& bg,
                            const torch::Tensor& au, const torch::Tensor& bu) const {
-    const torch::Tensor absent = torch::empty({0}, r.options().requires_grad(false));
+    const torch::Tensor absent = Absent(r);
     torch::Tensor n = ops::RmsNorm(r, norm, eps);
     torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate);
     torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up);
@@ -196,11 +206,7 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
         torch::AutoGradMode enable(true);
         act = w.Activation(rc, leaves[0], leaves[1], leaves[2], leaves[3]);
       }
-      torch::Tensor xa;
-      if (ad.numel() > 0) {
-        xa = act.detach().mm(ad.t());
-        if (w.s_down != 1.0) xa.mul_(w.s_down);
-      }
+      torch::Tensor xa = ad.numel() > 0 ? ScaledLoraInput(act.detach(), ad, w.s_down) : torch::Tensor();
       LoraLinearGrads down = LoraLinearBackward(dyc, act.detach(), ad, bd, xa, *w.down, w.s_down, true,
                                                 ctx->needs_input_grad(5), ctx->needs_input_grad(6));
       accumulate(5, down.da);
@@ -312,12 +318,11 @@ c10::intrusive_ptr<FrozenWeight> Frozen(const LinearWithLora& lin) {
 
 torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual) const {
   c10::intrusive_ptr<FrozenWeight> w = Frozen(*this);
-  const torch::Tensor absent = torch::empty({0}, x.options().requires_grad(false));
+  const torch::Tensor absent = Absent(x);
   torch::Tensor x2 = x.reshape({-1, in_});
   torch::Tensor r2 = residual.defined() ? residual.reshape({-1, out_}) : absent;
-  const bool lora = lora_a_.defined(), dropout = lora && training && dropout_ > 0;
-  torch::Tensor a = lora ? lora_a_.to(x.scalar_type()) : absent;
-  torch::Tensor b = lora ? lora_b_.to(x.scalar_type()) : absent;
+  const bool dropout = has_lora() && training && dropout_ > 0;
+  auto [a, b] = LoraCopies(x.scalar_type(), absent);
   torch::Tensor y;
   if (!dropout) {
     y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_);
@@ -332,6 +337,12 @@ torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, con
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = out_;
   return y.view(shape);
+}
+
+std::pair<torch::Tensor, torch::Tensor> LinearWithLora::LoraCopies(torch::ScalarType dtype,
+                                                                   const torch::Tensor& absent) const {
+  if (!has_lora()) return {absent, absent};
+  return {lora_a_.to(dtype), lora_b_.to(dtype)};
 }
 
 int64_t LinearWithLora::StorageBytes() const {
@@ -495,14 +506,11 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   w->s_up = layer.up_proj.scaling();
   w->s_down = layer.down_proj.scaling();
   w->chunk = n > kMlpChunkAbove ? kMlpChunkTokens : std::max<int64_t>(n, 1);
-  const torch::Tensor absent = torch::empty({0}, r.options().requires_grad(false));
-  auto cast = [&](LinearWithLora& lin, bool b) {
-    if (!lin.has_lora()) return absent;
-    return (b ? lin.lora_b() : lin.lora_a()).to(r.scalar_type());
-  };
-  torch::Tensor y = MlpFunction::apply(r.reshape({n, H}), cast(layer.gate_proj, false), cast(layer.gate_proj, true),
-                                       cast(layer.up_proj, false), cast(layer.up_proj, true),
-                                       cast(layer.down_proj, false), cast(layer.down_proj, true), w);
+  const torch::Tensor absent = Absent(r);
+  auto [ag, bg] = layer.gate_proj.LoraCopies(r.scalar_type(), absent);
+  auto [au, bu] = layer.up_proj.LoraCopies(r.scalar_type(), absent);
+  auto [ad, bd] = layer.down_proj.LoraCopies(r.scalar_type(), absent);
+  torch::Tensor y = MlpFunction::apply(r.reshape({n, H}), ag, bg, au, bu, ad, bd, w);
   return y.view(r.sizes());
 }
 

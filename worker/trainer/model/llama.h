@@ -67,6 +67,9 @@ class LinearWithLora {
   // Base weight in `dtype` (dequantised if NF4).
   torch::Tensor BaseWeight(torch::ScalarType dtype) const;
   bool has_lora() const { return lora_a_.defined(); }
+  // Copies of A and B in `dtype` (autograd casts, so gradients reach the fp32
+  // leaves), or `absent` twice without LoRA.
+  std::pair<torch::Tensor, torch::Tensor> LoraCopies(torch::ScalarType dtype, const torch::Tensor& absent) const;
   torch::Tensor& lora_a() { return lora_a_; }
   torch::Tensor& lora_b() { return lora_b_; }
   double scaling() const { return scaling_; }

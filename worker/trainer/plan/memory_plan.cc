@@ -211,6 +211,8 @@ int64_t OptimizerStateBytes(const PlanInputs& in) {
 
 namespace {
 
+bool IsMlpModule(const std::string& name) { return name == "gate_proj" || name == "up_proj" || name == "down_proj"; }
+
 // What autograd keeps per token for the modules of one half of a layer
 // (LayerForward = MlpHalf(AttentionHalf(x))): RMSNorm keeps its fp32 input
 // (pow, mul) and 1/rms, the fused kernel its compute-dtype input and 1/rms;
@@ -233,8 +235,7 @@ int64_t HalfBytesPerToken(const PlanInputs& in, bool mlp) {
     if (IsTarget(in, "down_proj")) b += cb * I;
   }
   for (const LinearShape& s : LinearShapes(c)) {
-    const bool in_mlp = s.name == "gate_proj" || s.name == "up_proj" || s.name == "down_proj";
-    if (in_mlp != mlp || !IsTarget(in, s.name)) continue;
+    if (IsMlpModule(s.name) != mlp || !IsTarget(in, s.name)) continue;
     b += cb * in.lora_r;
     if (in.lora_dropout > 0) b += (cb + 1) * s.in;
   }
@@ -247,8 +248,7 @@ int64_t MlpLoraCastBytes(const PlanInputs& in) {
   if (in.ComputeBytes() == 4) return 0;  // .to(fp32) of an fp32 leaf is the leaf
   int64_t n = 0;
   for (const LinearShape& s : LinearShapes(in.model)) {
-    const bool in_mlp = s.name == "gate_proj" || s.name == "up_proj" || s.name == "down_proj";
-    if (in_mlp && IsTarget(in, s.name)) n += int64_t{in.lora_r} * (s.in + s.out);
+    if (IsMlpModule(s.name) && IsTarget(in, s.name)) n += int64_t{in.lora_r} * (s.in + s.out);
   }
   return in.ComputeBytes() * n;
 }
@@ -259,6 +259,13 @@ Checkpointing EffectiveMode(const PlanInputs& in, Checkpointing ckpt) {
   if (ckpt == Checkpointing::kSelective && in.lora_dropout > 0) return Checkpointing::kOn;
   if ((!kActivationOffloadImplemented || !in.cuda) && ckpt == Checkpointing::kOffload) return Checkpointing::kOn;
   return ckpt;
+}
+
+// Whether the model runs each layer's MLP chunked (llama.cc MlpHalf): with
+// checkpointing (`ckpt` as EffectiveMode gives it), no LoRA dropout, and more
+// than model::kMlpChunkAbove tokens in the micro-batch.
+bool MlpChunked(const PlanInputs& in, Checkpointing ckpt, int64_t tokens) {
+  return ckpt != Checkpointing::kOff && in.lora_dropout == 0 && tokens > model::kMlpChunkAbove;
 }
 
 }  // namespace
@@ -298,7 +305,7 @@ Breakdown PlanFor(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // kMlpChunkAbove tokens runs its MLP unchunked and can need more than the
   // longest (chunked) one. Plan for the larger of the two.
   const int64_t N = int64_t{micro} * in.seq_len;
-  if (EffectiveMode(in, ckpt) != Checkpointing::kOff && N > model::kMlpChunkAbove && in.lora_dropout == 0) {
+  if (MlpChunked(in, EffectiveMode(in, ckpt), N)) {
     PlanInputs shorter = in;
     shorter.seq_len = std::max<int64_t>(1, model::kMlpChunkAbove / micro);
     Breakdown s = PlanForTokens(shorter, micro, ckpt);
@@ -367,8 +374,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // micro-batches with checkpointing (model::kMlpChunkAbove). Its backward
   // holds one chunk's recomputed MLP, the chunk's [I] input gradient, the
   // incoming gradient and its own [N, H] output gradient.
-  const bool mlp_node = ckpt == Checkpointing::kSelective ||
-                        (ckpt != Checkpointing::kOff && in.lora_dropout == 0 && N > model::kMlpChunkAbove);
+  const bool mlp_node = ckpt == Checkpointing::kSelective || MlpChunked(in, ckpt, N);
   // With checkpointing the recomputed layer's output is the root of its
   // backward and stays alive until that ends.
   const int64_t root = ckpt == Checkpointing::kOff ? 0 : N * cb * H;
@@ -397,12 +403,12 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
     // incoming gradient, the recomputed layer output, the attention output's
     // gradient and SDPA's backward buffers. At long contexts, where the MLP
     // runs chunked, this is the layer's peak.
-    const int64_t o_input = IsTarget(in, "o_proj") ? cb * int64_t{c.num_attention_heads} * c.head_dim : 0;
+    const int64_t q_bytes = cb * int64_t{c.num_attention_heads} * c.head_dim;  // one token's attention output
+    const int64_t o_input = IsTarget(in, "o_proj") ? q_bytes : 0;
     const int64_t kept = ckpt == Checkpointing::kSelective ? model_saved : model_saved + fetched;
     const int64_t attn_act = kept + casts_per_layer + math +
                              N * (HalfBytesPerToken(in, false) - o_input + 2 * cb * H);
-    const int64_t attn_transient = dequant + N * (cb * int64_t{c.num_attention_heads} * c.head_dim +
-                                                  SdpaBackwardBytesPerToken(in));
+    const int64_t attn_transient = dequant + N * (q_bytes + SdpaBackwardBytesPerToken(in));
     if (attn_act + attn_transient > layer_act + layer_transient) {
       layer_act = attn_act;
       layer_transient = attn_transient;
