@@ -34,11 +34,17 @@ __device__ __forceinline__ float BlockAbsmax(const DeviceNf4& q, int64_t block) 
   return __fadd_rn(__fmul_rn(code, __ldg(q.absmax_scale + block / kNf4DoubleQuantBlock)), __ldg(q.absmax_offset));
 }
 
-__device__ __forceinline__ uint16_t Decode(int code, float absmax) {
-  return F32ToBf16(__fmul_rn(kCodes[code], absmax));
+// `codes` is the block's shared copy of kCodes: a warp's 32 lanes look up
+// different codes at once, which __constant__ memory serialises (one address
+// per cycle) and shared memory serves in one pass (16 entries, 16 banks).
+__device__ __forceinline__ uint16_t Decode(const float* codes, int code, float absmax) {
+  return F32ToBf16(__fmul_rn(codes[code], absmax));
 }
 
 __global__ void Nf4DequantKernel(DeviceNf4 q, uint16_t* __restrict__ out, bool vector_ok) {
+  __shared__ float codes[16];
+  if (threadIdx.x < 16) codes[threadIdx.x] = kCodes[threadIdx.x];
+  __syncthreads();
   const int64_t groups = detail::CeilDiv(q.numel, 16);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups;
        g += int64_t{gridDim.x} * blockDim.x) {
@@ -51,10 +57,10 @@ __global__ void Nf4DequantKernel(DeviceNf4 q, uint16_t* __restrict__ out, bool v
       for (int k = 0; k < 4; ++k) {
         const uint32_t bx = (bytes.x >> (8 * k)) & 0xffu;
         const uint32_t by = (bytes.y >> (8 * k)) & 0xffu;
-        lo.v[2 * k] = Decode(bx >> 4, absmax);
-        lo.v[2 * k + 1] = Decode(bx & 15, absmax);
-        hi.v[2 * k] = Decode(by >> 4, absmax);
-        hi.v[2 * k + 1] = Decode(by & 15, absmax);
+        lo.v[2 * k] = Decode(codes, bx >> 4, absmax);
+        lo.v[2 * k + 1] = Decode(codes, bx & 15, absmax);
+        hi.v[2 * k] = Decode(codes, by >> 4, absmax);
+        hi.v[2 * k + 1] = Decode(codes, by & 15, absmax);
       }
       reinterpret_cast<detail::Bf16x8*>(out + e0)[0] = lo;
       reinterpret_cast<detail::Bf16x8*>(out + e0)[1] = hi;
@@ -63,7 +69,7 @@ __global__ void Nf4DequantKernel(DeviceNf4 q, uint16_t* __restrict__ out, bool v
     const int64_t e1 = min(e0 + 16, q.numel);
     for (int64_t e = e0; e < e1; ++e) {
       const uint8_t byte = q.packed[e / 2];
-      out[e] = Decode((e % 2 == 0) ? (byte >> 4) : (byte & 15), BlockAbsmax(q, e / q.block_size));
+      out[e] = Decode(codes, (e % 2 == 0) ? (byte >> 4) : (byte & 15), BlockAbsmax(q, e / q.block_size));
     }
   }
 }

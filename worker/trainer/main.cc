@@ -1,7 +1,7 @@
 // tune-train: the training engine (DESIGN.md "The trainer, stage by stage").
 //
 //   tune-train [train] --config job.yaml [--events-fd N] [--output DIR] [--resume]
-//                      [--stop-after-step N]
+//                      [--stop-after-step N] [--profile-steps A[-B] --profile-out FILE]
 //   tune-train init-model --preset tiny|llama3-8b|CONFIG.json --tokenizer DIR --out DIR
 //                         [--seed N] [--dtype bf16|fp32]
 //   tune-train plan --config job.yaml --gpu-memory-gb N [--world-size W] [--host-memory-gb H] [-o json]
@@ -33,6 +33,7 @@
 #include "worker/trainer/model/cuda_ops.h"
 #include "worker/trainer/plan/memory_plan.h"
 #include "worker/trainer/recipe.h"
+#include "worker/trainer/train/step_profiler.h"
 
 namespace {
 
@@ -40,13 +41,17 @@ constexpr const char* kUsage = R"(tune-train: QLoRA fine-tuning of Llama-3-famil
 
 Usage:
   tune-train [train] --config job.yaml [--events-fd N] [--output DIR] [--resume]
-                     [--stop-after-step N]
+                     [--stop-after-step N] [--profile-steps A[-B] --profile-out FILE]
       Train the job described by job.yaml (the same YAML as `tunectl submit`).
       --events-fd N        also write JSON-lines events to inherited fd N
       --output DIR         override output.dir
       --resume             continue from the newest complete checkpoint in
                            <output>/checkpoints (starts at step 1 when none)
       --stop-after-step N  checkpoint after step N and exit 0 (resume later)
+      --profile-steps A[-B] --profile-out FILE
+                           profile steps A..B on rank 0 and write where the
+                           time went to FILE (device busy/idle, kernel time by
+                           class, top kernels; FILE.trace.json with Kineto)
       Environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
       (data parallel; defaults 0, 1, 0, 127.0.0.1, 29500), OMP_NUM_THREADS
       (CPU threads per rank, default 1), TUNE_LOG_LEVEL=debug.
@@ -122,11 +127,20 @@ int RunTrain(int argc, char** argv, int first) {
     } else if (arg == "--stop-after-step") {
       if (!value(&v) || !ParseInt(v, 1, &n) || n > INT_MAX) return UsageError("--stop-after-step needs a step >= 1");
       opts.stop_after_step = static_cast<int>(n);
+    } else if (arg == "--profile-steps") {
+      if (!value(&v) || !tune::train::ParseProfileSteps(v, &opts.profile_first, &opts.profile_last)) {
+        return UsageError("--profile-steps needs A or A-B with 1 <= A <= B (e.g. 6-8)");
+      }
+    } else if (arg == "--profile-out") {
+      if (!value(&opts.profile_out) || opts.profile_out.empty()) return UsageError("--profile-out needs a file path");
     } else {
       return UsageError("unknown argument '" + arg + "'");
     }
   }
   if (opts.cli.config_path.empty()) return UsageError("missing --config job.yaml");
+  if ((opts.profile_first > 0) != !opts.profile_out.empty()) {
+    return UsageError("--profile-steps and --profile-out go together");
+  }
   return tune::train::RunTraining(opts);
 }
 

@@ -48,6 +48,7 @@
 #include "worker/trainer/train/optimizer.h"
 #include "worker/trainer/train/sampler.h"
 #include "worker/trainer/train/schedule.h"
+#include "worker/trainer/train/step_profiler.h"
 
 namespace tune::train {
 namespace {
@@ -218,8 +219,12 @@ std::string LoraWhere(const std::string& name) {
 
 class Trainer {
  public:
-  Trainer(TrainConfig cfg, EventSink* events, int stop_after_step)
-      : cfg_(std::move(cfg)), events_(events), stop_after_(stop_after_step), start_(Clock::now()) {}
+  Trainer(TrainConfig cfg, EventSink* events, const TrainRunOptions& run)
+      : cfg_(std::move(cfg)),
+        events_(events),
+        stop_after_(run.stop_after_step),
+        profiler_(run.profile_first, run.profile_last, cfg_.dist.rank == 0 ? run.profile_out : ""),
+        start_(Clock::now()) {}
 
   void Setup();
   // Returns kExitOk or kExitTerminated.
@@ -259,6 +264,7 @@ class Trainer {
   TrainConfig cfg_;
   EventSink* events_;
   int stop_after_;
+  StepProfiler profiler_;
   Clock::time_point start_;
 
   torch::Device device_ = torch::kCPU;
@@ -983,7 +989,10 @@ int Trainer::Train() {
   int64_t step = state_.step + 1;
   while (step <= max_steps_) {
     bool rolled_back = false;
-    if (!RunStep(step, &rolled_back)) {
+    profiler_.BeforeStep(step, cfg_.use_cuda);
+    const bool ran = RunStep(step, &rolled_back);
+    if (ran) profiler_.AfterStep(step, cfg_.use_cuda);
+    if (!ran) {
       if (state_.step > 0) SaveCheckpoint();
       events_->EmitLog("info", "stop requested (SIGTERM/SIGINT): stopped before step " + std::to_string(step) +
                                    "; --resume continues from step " + std::to_string(state_.step + 1));
@@ -1044,7 +1053,7 @@ int RunTraining(const TrainRunOptions& options) {
     return Fail(events.get(), "INVALID_SPEC", e.what(), kExitInvalidSpec);
   }
   try {
-    Trainer trainer(*cfg, events.get(), options.stop_after_step);
+    Trainer trainer(*cfg, events.get(), options);
     trainer.Setup();
     return trainer.Train();
   } catch (const ConfigError& e) {

@@ -21,6 +21,7 @@
 #ifndef TUNE_WORKER_TRAINER_RECIPE_H_
 #define TUNE_WORKER_TRAINER_RECIPE_H_
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -44,6 +45,10 @@ struct TrainRunOptions {
   // > 0: stop cleanly after this step (checkpoint, no export, exit 0). An
   // operations/testing aid: "train 20 of the 40 steps now, --resume later".
   int stop_after_step = 0;
+  // --profile-steps A[-B] --profile-out FILE: profile steps A..B on rank 0
+  // (train/step_profiler.h). Empty: off.
+  int64_t profile_first = 0, profile_last = 0;
+  std::string profile_out;
 };
 
 // Runs a whole training job; never throws. Installs SIGTERM/SIGINT handlers

@@ -292,6 +292,32 @@ TEST_F(TrainerIntegrationTest, GoldenCurve) {
   }
 }
 
+// --profile-steps writes where the profiled steps spent their time; the run
+// itself is unchanged (same losses as without the profiler).
+TEST_F(TrainerIntegrationTest, ProfileStepsWritesAReportAndChangesNothing) {
+  JobOptions o;
+  o.max_steps = 3;
+  o.every = 100;
+  const std::string plain = WriteJob("profile-ref", o);
+  const std::string job = WriteJob("profile", o);
+  const std::string report = (*root_ / "profile.txt").string();
+  ASSERT_EQ(RunTrainer({"--config", job, "--profile-steps", "2-3", "--profile-out", report},
+                       (*root_ / "profile-run").string()),
+            0)
+      << ReadFile(*root_ / "profile-run.err");
+  ASSERT_EQ(RunTrainer({"--config", plain}, (*root_ / "profile-ref-run").string()), 0);
+  const std::string text = ReadFile(report);
+  EXPECT_NE(text.find("tune-train profile: steps 2-3 (2 steps)"), std::string::npos) << text;
+  EXPECT_NE(text.find("aten::mm"), std::string::npos) << text;  // the LoRA/base GEMMs on CPU
+  const auto profiled = StepLosses(*root_ / "profile"), ref = StepLosses(*root_ / "profile-ref");
+  ASSERT_EQ(profiled.size(), 3u);
+  for (int s = 1; s <= 3; ++s) EXPECT_EQ(profiled.at(s), ref.at(s)) << "step " << s;
+  EXPECT_EQ(RunTrainer({"--config", job, "--profile-steps", "3-2", "--profile-out", report},
+                       (*root_ / "profile-bad").string()),
+            2);
+  EXPECT_NE(ReadFile(*root_ / "profile-bad.err").find("--profile-steps needs A or A-B"), std::string::npos);
+}
+
 TEST_F(TrainerIntegrationTest, ResumeContinuesExactly) {
   JobOptions o;
   o.max_steps = 40;

@@ -156,6 +156,38 @@ class SwiGluFn : public torch::autograd::Function<SwiGluFn> {
   }
 };
 
+// SwiGluFn on the two halves of one [N, 2I] tensor; backward fills one
+// [N, 2I] gradient (dgate | dup).
+class SwiGluHalvesFn : public torch::autograd::Function<SwiGluHalvesFn> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor gu) {
+    c10::cuda::CUDAGuard guard(gu.device());
+    torch::Tensor x = Rows(gu);
+    const int64_t n = x.size(0), i = x.size(1) / 2;
+    torch::Tensor h = torch::empty({n, i}, gu.options());
+    Check(k::SwiGluForward({n, i}, Bf16(x), x.stride(0), Bf16(x) + i, x.stride(0), Bf16Mut(h), i, Stream(gu)),
+          "swiglu forward");
+    ctx->save_for_backward({x});
+    std::vector<int64_t> shape = gu.sizes().vec();
+    shape.back() = i;
+    return h.view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const torch::Tensor x = ctx->get_saved_variables()[0];
+    c10::cuda::CUDAGuard guard(x.device());
+    const int64_t n = x.size(0), i = x.size(1) / 2;
+    torch::Tensor dh = Rows(grad[0].to(torch::kBFloat16));
+    torch::Tensor dx = torch::empty({n, 2 * i}, x.options());
+    Check(k::SwiGluBackward({n, i}, Bf16(x), x.stride(0), Bf16(x) + i, x.stride(0), Bf16(dh), dh.stride(0),
+                            Bf16Mut(dx), 2 * i, Bf16Mut(dx) + i, 2 * i, Stream(x)),
+          "swiglu backward");
+    std::vector<int64_t> shape = grad[0].sizes().vec();
+    shape.back() = 2 * i;
+    return {dx.view(shape)};
+  }
+};
+
 k::LinearCrossEntropyArgs CeArgs(const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& labels,
                                  const torch::Tensor& scratch) {
   k::LinearCrossEntropyArgs a;
@@ -263,6 +295,12 @@ torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up) {
   return torch::silu(gate) * up;
 }
 
+torch::Tensor SwiGluHalves(const torch::Tensor& gu) {
+  const int64_t i = gu.size(-1) / 2;
+  if (Enabled() && IsCudaBf16(gu) && gu.numel() > 0 && gu.size(-1) % 2 == 0) return SwiGluHalvesFn::apply(gu);
+  return SwiGlu(gu.narrow(-1, 0, i), gu.narrow(-1, i, i));
+}
+
 torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor& q, const torch::Tensor& scratch) {
   TORCH_CHECK(q.packed.defined() && q.packed.is_cuda(), "nf4 dequantize: the NF4 tensor must be on a CUDA device");
   TORCH_CHECK(IsCudaBf16(scratch) && scratch.is_contiguous() && scratch.device() == q.device(),
@@ -299,6 +337,10 @@ torch::Tensor TryLinearCrossEntropySum(const torch::Tensor&, const torch::Tensor
   return {};
 }
 torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up) { return torch::silu(gate) * up; }
+torch::Tensor SwiGluHalves(const torch::Tensor& gu) {
+  const int64_t i = gu.size(-1) / 2;
+  return SwiGlu(gu.narrow(-1, 0, i), gu.narrow(-1, i, i));
+}
 torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor&, const torch::Tensor&) {
   TORCH_CHECK(false, "nf4 dequantize: this tune-train was built without the CUDA kernels (needs a CUDA libtorch "
                      "and nvcc; see TUNE_WITH_CUDA)");

@@ -42,6 +42,11 @@ torch::Tensor TryLinearCrossEntropySum(const torch::Tensor& hidden, const torch:
 // the two halves of a fused gate/up projection), torch ops otherwise. Always
 // returns a result.
 torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up);
+// The same for gu = [..., 2I], the output of a fused gate/up projection (gate
+// in the first I columns): [..., I]. On CUDA bf16 its gradient is written as
+// one [..., 2I] tensor, the fused projection's output gradient, with no
+// concatenation.
+torch::Tensor SwiGluHalves(const torch::Tensor& gu);
 
 // Dequantises q into `scratch` (bf16, contiguous, on q's CUDA device, at least
 // q.numel elements; reused across weights so no per-call allocation happens)

@@ -32,13 +32,91 @@ torch::Tensor DequantizeForMatmul(const nf4::Nf4Tensor& w, torch::ScalarType dty
   return nf4::Dequantize(w, dtype);
 }
 
-// A frozen base weight reachable from an autograd node (saved_data holds
-// IValues): NF4, dequantised for each matmul and again in backward so only
-// the quantised form stays alive, or dense in the compute dtype.
-struct FrozenWeight : torch::CustomClassHolder {
+// Set while a checkpointed forward is recomputed during backward: each base
+// weight dequantised there is kept (FrozenWeight::kept) until its own
+// backward, the next use, a few GEMMs later, instead of being dequantised
+// again. Costs one layer's dense weights at the start of its backward.
+thread_local bool t_keep_dense = false;
+
+class KeepDenseScope {
+ public:
+  explicit KeepDenseScope(bool on) : prev_(t_keep_dense) { t_keep_dense = on; }
+  ~KeepDenseScope() { t_keep_dense = prev_; }
+  KeepDenseScope(const KeepDenseScope&) = delete;
+  KeepDenseScope& operator=(const KeepDenseScope&) = delete;
+
+ private:
+  bool prev_;
+};
+
+// One projection's frozen weight as held: NF4 or dense in the compute dtype.
+struct FrozenPart {
   std::optional<nf4::Nf4Tensor> nf4;
   torch::Tensor dense;
-  torch::Tensor Get(torch::ScalarType dtype) const { return nf4 ? DequantizeForMatmul(*nf4, dtype) : dense; }
+  int64_t rows = 0;
+};
+
+// A frozen base weight reachable from an autograd node (saved_data holds
+// IValues): one projection, or the projections of a fused group (q/k/v,
+// gate/up) stacked along the output dimension. NF4 parts are dequantised for
+// each matmul (each into its rows of one buffer) and again in backward, so
+// only the quantised form stays alive; dense parts are used as held (a bf16
+// group is stored fused at load, so its parts are adjacent rows of one tensor).
+struct FrozenWeight : torch::CustomClassHolder {
+  std::vector<FrozenPart> parts;
+  int64_t in = 0;
+  mutable torch::Tensor kept;  // see t_keep_dense
+
+  torch::Tensor Get(torch::ScalarType dtype) const {
+    if (parts.size() == 1) {
+      const FrozenPart& p = parts[0];
+      return p.nf4 ? DequantizeForMatmul(*p.nf4, dtype) : p.dense;
+    }
+    if (torch::Tensor v = AdjacentDense(); v.defined()) return v;
+    int64_t rows = 0;
+    for (const FrozenPart& p : parts) rows += p.rows;
+    const torch::Tensor& any = parts[0].nf4 ? parts[0].nf4->packed : parts[0].dense;
+    torch::Tensor out = torch::empty({rows, in}, any.options().dtype(dtype));
+    int64_t r = 0;
+    for (const FrozenPart& p : parts) {
+      torch::Tensor slice = out.narrow(0, r, p.rows);
+      if (p.nf4 && dtype == torch::kBFloat16 && slice.is_cuda() && cuda_ops::Enabled()) {
+        cuda_ops::Nf4DequantizeInto(*p.nf4, slice.view({-1}));
+      } else {
+        slice.copy_(p.nf4 ? nf4::Dequantize(*p.nf4, dtype) : p.dense);
+      }
+      r += p.rows;
+    }
+    return out;
+  }
+  // The matmul weight for backward: the copy kept from the recompute (then
+  // released), or Get().
+  torch::Tensor Take(torch::ScalarType dtype) const {
+    if (kept.defined() && kept.scalar_type() == dtype) {
+      torch::Tensor t = std::move(kept);
+      kept = torch::Tensor();
+      return t;
+    }
+    return Get(dtype);
+  }
+  bool quantized() const { return parts[0].nf4.has_value(); }
+
+ private:
+  // Dense parts that are consecutive rows of one tensor, as one view.
+  torch::Tensor AdjacentDense() const {
+    const torch::Tensor& first = parts[0].dense;
+    if (!first.defined() || !first.is_contiguous()) return {};
+    int64_t rows = 0;
+    for (const FrozenPart& p : parts) {
+      const torch::Tensor& d = p.dense;
+      if (!d.defined() || !d.is_contiguous() || !d.is_alias_of(first) ||
+          d.storage_offset() != first.storage_offset() + rows * in) {
+        return {};
+      }
+      rows += p.rows;
+    }
+    return first.as_strided({rows, in}, {in, 1});
+  }
 };
 
 // An empty tensor standing for an absent input of the autograd functions
@@ -52,6 +130,20 @@ torch::Tensor ScaledLoraInput(const torch::Tensor& x, const torch::Tensor& a, do
   return xa;
 }
 
+// The LoRA pairs (A_i [r, in], B_i [out_i, r]) of a fused group as one pair:
+// A's stacked [n r, in], B's block-diagonal [sum out_i, n r], so y_i += s x
+// A_i^T B_i^T lands in member i's columns. Autograd ops: gradients reach each
+// member's copies. The zero blocks cost (n - 1) r out FLOPs per token, noise
+// next to the base GEMM.
+std::pair<torch::Tensor, torch::Tensor> StackLora(const std::vector<std::pair<torch::Tensor, torch::Tensor>>& ab) {
+  std::vector<torch::Tensor> as, bs;
+  for (const auto& [a, b] : ab) {
+    as.push_back(a);
+    bs.push_back(b);
+  }
+  return {torch::cat(as), torch::block_diag(bs)};
+}
+
 // y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x without autograd; also
 // returns xa = s x A^T (undefined without LoRA), which dB needs. The LoRA term
 // and the residual are accumulated by the GEMMs themselves (addmm), so no
@@ -60,6 +152,7 @@ std::pair<torch::Tensor, torch::Tensor> LoraLinearForward(const torch::Tensor& x
                                                           const torch::Tensor& b, const torch::Tensor& residual,
                                                           const FrozenWeight& w, double scaling) {
   torch::Tensor dense = w.Get(x.scalar_type());
+  if (t_keep_dense && w.quantized()) w.kept = dense;
   torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
   torch::Tensor xa;
   if (a.numel() > 0) {
@@ -80,7 +173,7 @@ LoraLinearGrads LoraLinearBackward(const torch::Tensor& g, const torch::Tensor& 
                                    const torch::Tensor& b, const torch::Tensor& xa, const FrozenWeight& w,
                                    double scaling, bool need_dx, bool need_da, bool need_db) {
   LoraLinearGrads r;
-  if (need_dx) r.dx = g.mm(w.Get(g.scalar_type()));
+  if (need_dx) r.dx = g.mm(w.Take(g.scalar_type()));
   if (a.numel() > 0) {
     torch::Tensor dxa = g.mm(b);
     if (scaling != 1.0) dxa.mul_(scaling);
@@ -126,6 +219,7 @@ struct MlpWeights : torch::CustomClassHolder {
   torch::Tensor norm;  // post_attention_layernorm
   double eps = 0;
   c10::intrusive_ptr<FrozenWeight> gate, up, down;
+  c10::intrusive_ptr<FrozenWeight> gate_up;  // set when gate/up run as one GEMM (then s_gate == s_up)
   double s_gate = 1, s_up = 1, s_down = 1;
   int64_t chunk = 0;
 
@@ -135,6 +229,10 @@ struct MlpWeights : torch::CustomClassHolder {
                            const torch::Tensor& au, const torch::Tensor& bu) const {
     const torch::Tensor absent = Absent(r);
     torch::Tensor n = ops::RmsNorm(r, norm, eps);
+    if (gate_up) {
+      auto [a, b] = ag.numel() > 0 ? StackLora({{ag, bg}, {au, bu}}) : std::make_pair(absent, absent);
+      return cuda_ops::SwiGluHalves(LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate));
+    }
     torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate);
     torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up);
     return cuda_ops::SwiGlu(g, u);
@@ -204,6 +302,7 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
       torch::Tensor act;
       {
         torch::AutoGradMode enable(true);
+        KeepDenseScope keep(true);  // gate/up's backward follows within this chunk
         act = w.Activation(rc, leaves[0], leaves[1], leaves[2], leaves[3]);
       }
       torch::Tensor xa = ad.numel() > 0 ? ScaledLoraInput(act.detach(), ad, w.s_down) : torch::Tensor();
@@ -307,11 +406,47 @@ void LinearWithLora::EnableLora(const LoraOptions& lora, torch::Device device, a
 
 namespace {
 
-c10::intrusive_ptr<FrozenWeight> Frozen(const LinearWithLora& lin) {
+c10::intrusive_ptr<FrozenWeight> Frozen(const std::vector<const LinearWithLora*>& group) {
   auto w = c10::make_intrusive<FrozenWeight>();
-  w->nf4 = lin.nf4_weight();  // shares the tensors
-  w->dense = lin.dense_weight();
+  w->in = group[0]->in_features();
+  for (const LinearWithLora* lin : group) {
+    w->parts.push_back({lin->nf4_weight(), lin->dense_weight(), lin->out_features()});  // shares the tensors
+  }
   return w;
+}
+
+c10::intrusive_ptr<FrozenWeight> Frozen(const LinearWithLora& lin) { return Frozen({&lin}); }
+
+// Whether the projections of `group` (same input) can run as one GEMM: LoRA
+// on all or none of them, with one scaling and no active dropout.
+bool CanFuse(const std::vector<const LinearWithLora*>& group, bool training) {
+  for (const LinearWithLora* lin : group) {
+    if (lin->has_lora() != group[0]->has_lora() || lin->scaling() != group[0]->scaling() ||
+        lin->LoraDropoutActive(training)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// x [.., in] through a fusable group as one node: [.., sum out_i], member i's
+// output in its columns (LoraLinearFunction on the stacked weights and LoRA).
+torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, const torch::Tensor& x) {
+  const LinearWithLora& first = *group[0];
+  const torch::Tensor absent = Absent(x);
+  torch::Tensor a = absent, b = absent;
+  if (first.has_lora()) {
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> ab;
+    for (const LinearWithLora* lin : group) ab.push_back(lin->LoraCopies(x.scalar_type(), absent));
+    std::tie(a, b) = StackLora(ab);
+  }
+  int64_t out = 0;
+  for (const LinearWithLora* lin : group) out += lin->out_features();
+  torch::Tensor y = LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, Frozen(group),
+                                              first.scaling());
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  return y.view(shape);
 }
 
 }  // namespace
@@ -321,7 +456,7 @@ torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, con
   const torch::Tensor absent = Absent(x);
   torch::Tensor x2 = x.reshape({-1, in_});
   torch::Tensor r2 = residual.defined() ? residual.reshape({-1, out_}) : absent;
-  const bool dropout = has_lora() && training && dropout_ > 0;
+  const bool dropout = LoraDropoutActive(training);
   auto [a, b] = LoraCopies(x.scalar_type(), absent);
   torch::Tensor y;
   if (!dropout) {
@@ -343,6 +478,21 @@ std::pair<torch::Tensor, torch::Tensor> LinearWithLora::LoraCopies(torch::Scalar
                                                                    const torch::Tensor& absent) const {
   if (!has_lora()) return {absent, absent};
   return {lora_a_.to(dtype), lora_b_.to(dtype)};
+}
+
+void LinearWithLora::StackDense(const std::vector<LinearWithLora*>& group) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> parts;
+  for (LinearWithLora* lin : group) {
+    if (!lin->weight_.defined()) return;
+    parts.push_back(lin->weight_);
+  }
+  torch::Tensor stacked = torch::cat(parts);
+  int64_t row = 0;
+  for (LinearWithLora* lin : group) {
+    lin->weight_ = stacked.narrow(0, row, lin->out_);
+    row += lin->out_;
+  }
 }
 
 int64_t LinearWithLora::StorageBytes() const {
@@ -445,6 +595,8 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
       CheckShape(w, shapes[mod], name);
       layer.Linear(mod)->SetBase(w, opts);
     }
+    LinearWithLora::StackDense({&layer.q_proj, &layer.k_proj, &layer.v_proj});
+    LinearWithLora::StackDense({&layer.gate_proj, &layer.up_proj});
   }
   m->norm_ = dense("model.norm.weight", {H}, opts.device);
   if (config.tie_word_embeddings) {
@@ -474,9 +626,21 @@ torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
   torch::Tensor h = ops::RmsNorm(x, layer.input_layernorm, config_.rms_norm_eps);
-  torch::Tensor q = layer.q_proj.Forward(h, training_).view({B, T, hq, d}).transpose(1, 2);
-  torch::Tensor k = layer.k_proj.Forward(h, training_).view({B, T, hkv, d}).transpose(1, 2);
-  torch::Tensor v = layer.v_proj.Forward(h, training_).view({B, T, hkv, d}).transpose(1, 2);
+  torch::Tensor q, k, v;
+  const std::vector<const LinearWithLora*> qkv = {&layer.q_proj, &layer.k_proj, &layer.v_proj};
+  if (fused_projections_ && CanFuse(qkv, training_)) {
+    // One GEMM; q/k/v are column views of its output (split's backward
+    // writes their gradients into one buffer for the fused backward GEMM).
+    std::vector<torch::Tensor> parts = FusedProjection(qkv, h).split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
+    q = parts[0], k = parts[1], v = parts[2];
+  } else {
+    q = layer.q_proj.Forward(h, training_);
+    k = layer.k_proj.Forward(h, training_);
+    v = layer.v_proj.Forward(h, training_);
+  }
+  q = q.view({B, T, hq, d}).transpose(1, 2);
+  k = k.view({B, T, hkv, d}).transpose(1, 2);
+  v = v.view({B, T, hkv, d}).transpose(1, 2);
   q = ops::ApplyRope(q, cos, sin);
   k = ops::ApplyRope(k, cos, sin);
   // SDPA picks cuDNN for this layout and for all-contiguous or all-[B, T,
@@ -491,9 +655,13 @@ bool LlamaForCausalLM::MlpNodeApplies() const { return !(training_ && opts_.lora
 torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node) {
   const int64_t H = config_.hidden_size, n = r.numel() / H;
   as_node = as_node || (checkpointing_ && n > kMlpChunkAbove);
+  const std::vector<const LinearWithLora*> gate_up = {&layer.gate_proj, &layer.up_proj};
+  const bool fuse = fused_projections_ && CanFuse(gate_up, training_);
   if (!as_node || !MlpNodeApplies()) {
     torch::Tensor h = ops::RmsNorm(r, layer.post_attention_layernorm, config_.rms_norm_eps);
-    torch::Tensor act = cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_), layer.up_proj.Forward(h, training_));
+    torch::Tensor act = fuse ? cuda_ops::SwiGluHalves(FusedProjection(gate_up, h))
+                             : cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_),
+                                                layer.up_proj.Forward(h, training_));
     return layer.down_proj.Forward(act, training_, /*residual=*/r);
   }
   auto w = c10::make_intrusive<MlpWeights>();
@@ -502,6 +670,7 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   w->gate = Frozen(layer.gate_proj);
   w->up = Frozen(layer.up_proj);
   w->down = Frozen(layer.down_proj);
+  if (fuse) w->gate_up = Frozen(gate_up);
   w->s_gate = layer.gate_proj.scaling();
   w->s_up = layer.up_proj.scaling();
   w->s_down = layer.down_proj.scaling();
@@ -579,15 +748,20 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
       continue;
     }
     DecoderLayer* lp = &layer;
-    // Captured by value: the closures run again during backward.
+    // Captured by value: the closures run again during backward, with grad
+    // mode on; the weights dequantised then are kept for the backward that
+    // follows (t_keep_dense), except with offload, which is for least memory.
+    const bool keep = !offloader;
     if (selective) {
       auto attention = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
+        KeepDenseScope scope(torch::GradMode::is_enabled());
         return AttentionHalf(*lp, x, cos, sin, seg);
       };
       h = MlpHalf(layer, ops::Checkpoint(attention, h, lora_leaves(layer, true)), /*as_node=*/true);
       continue;
     }
-    auto fn = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
+    auto fn = [this, lp, cos = cos, sin = sin, seg, keep](const torch::Tensor& x) {
+      KeepDenseScope scope(keep && torch::GradMode::is_enabled());
       return LayerForward(*lp, x, cos, sin, seg);
     };
     h = ops::Checkpoint(fn, h, lora_leaves(layer, false), offloader ? offloader->NewStash() : nullptr);

@@ -64,9 +64,16 @@ class LinearWithLora {
   // [residual +] x W^T [+ LoRA]; residual (optional) has the output's shape
   // and is added inside the GEMM (the decoder's residual connections).
   torch::Tensor Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual = {}) const;
+  // Re-homes the dense base weights of `group` (all dense, same input size)
+  // as consecutive rows of one tensor, so their fused projection multiplies
+  // by it in place (no per-call concatenation). NF4 weights need no such
+  // step: they are dequantised into one buffer anyway.
+  static void StackDense(const std::vector<LinearWithLora*>& group);
   // Base weight in `dtype` (dequantised if NF4).
   torch::Tensor BaseWeight(torch::ScalarType dtype) const;
   bool has_lora() const { return lora_a_.defined(); }
+  // LoRA dropout applies to this call (training with dropout > 0).
+  bool LoraDropoutActive(bool training) const { return has_lora() && training && dropout_ > 0; }
   // Copies of A and B in `dtype` (autograd casts, so gradients reach the fp32
   // leaves), or `absent` twice without LoRA.
   std::pair<torch::Tensor, torch::Tensor> LoraCopies(torch::ScalarType dtype, const torch::Tensor& absent) const;
@@ -145,6 +152,14 @@ class LlamaForCausalLM : public torch::nn::Module {
   void SetSelectiveRecompute(bool on) { selective_ = on; }
   bool selective_recompute() const { return selective_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
+  // Fused projections (default on): q/k/v, and gate/up, each run as one GEMM
+  // on their stacked weights, with their LoRA A's stacked and B's
+  // block-diagonal, when their LoRA settings agree (all or none targeted) and
+  // no LoRA dropout is active; one backward GEMM gives the input gradient of
+  // the whole group. The LoRA parameters and their names stay per module.
+  // Off: one GEMM per projection (tests compare the two).
+  void SetFusedProjections(bool on) { fused_projections_ = on; }
+  bool fused_projections() const { return fused_projections_; }
 
   // LoRA parameters in a fixed order (layer, then module in
   // LinearModuleNames() order, A before B) with PEFT-style names relative to
@@ -187,6 +202,7 @@ class LlamaForCausalLM : public torch::nn::Module {
   bool checkpointing_ = false;
   bool offload_ = false;
   bool selective_ = false;
+  bool fused_projections_ = true;
   bool training_ = true;
 };
 

@@ -26,6 +26,16 @@ bool IsTarget(const PlanInputs& in, const std::string& module) {
   return std::find(in.lora_targets.begin(), in.lora_targets.end(), module) != in.lora_targets.end();
 }
 
+// Whether the projections `group` run as one GEMM (LlamaForCausalLM::
+// SetFusedProjections): LoRA on all or none of them, no LoRA dropout.
+bool FusesGroup(const PlanInputs& in, const std::vector<std::string>& group) {
+  if (in.lora_dropout > 0) return false;
+  for (const std::string& m : group) {
+    if (IsTarget(in, m) != IsTarget(in, group[0])) return false;
+  }
+  return true;
+}
+
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One LoRA tensor's AdamW states (AdamW::StateBytes, AdamWOptions defaults:
@@ -357,19 +367,37 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
 
   // Phase B: backward of the last decoder layer (with checkpointing: its
   // recomputed intermediates on top of all layer inputs).
-  int64_t dequant = 0;
+  // Dense copies of NF4 weights (llama.cc FrozenWeight): one at a time, the
+  // largest matmul weight, q/k/v and gate/up stacked when they fuse. With
+  // checkpointing (not offload) the weights the recompute dequantises wait for
+  // their backward: q/k/v/o from the attention half's, gate/up/down from the
+  // MLP's (the MLP node keeps gate/up while down's is dequantised).
+  int64_t dequant = 0, kept_attn = 0, kept_mlp = 0;
   if (in.base == "nf4") {
-    int64_t largest = 0;
-    for (const LinearShape& s : LinearShapes(c)) largest = std::max(largest, s.in * s.out);
-    // int64 packed indices + fp32 values; the fused kernel writes bf16 directly.
-    dequant = (in.fused_kernels ? 2 : 8) * largest;
+    const int64_t qd = int64_t{c.num_attention_heads} * c.head_dim, kvd = int64_t{c.num_key_value_heads} * c.head_dim;
+    const int64_t qkv = FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? H * (qd + 2 * kvd) : H * qd;
+    const int64_t gate_up = FusesGroup(in, {"gate_proj", "up_proj"}) ? 2 * H * I : H * I;
+    // The fused kernel writes bf16 directly (into each member's rows of a
+    // stacked group). The torch path holds int64 packed indices + fp32 values
+    // of one member, and the group's buffer in the compute dtype.
+    auto group_bytes = [&](int64_t elems, int64_t largest_member) {
+      if (in.fused_kernels) return 2 * elems;
+      return elems == largest_member ? 8 * elems : cb * elems + 8 * largest_member;
+    };
+    dequant = std::max({group_bytes(qkv, qd * H), group_bytes(qd * H, qd * H), group_bytes(gate_up, I * H),
+                        group_bytes(I * H, I * H)});
+    if (ckpt == Checkpointing::kOn || ckpt == Checkpointing::kSelective) {
+      kept_attn = cb * H * (2 * qd + 2 * kvd);
+      kept_mlp = cb * 3 * H * I;
+    }
   }
   // With offload the layer's input comes back to the device for the recompute,
   // and the previous layer's input is already being prefetched (offload.h).
   const int64_t fetched = ckpt == Checkpointing::kOffload ? 2 * N * H * cb : 0;
   const int64_t math = MathAttentionTransientPerToken(in) * N;
   int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) + math;
-  int64_t layer_transient = dequant + N * cb * (H + I);
+  // (Whole-layer recompute: at down's backward every weight of the layer waits.)
+  int64_t layer_transient = std::max(dequant, kept_attn + kept_mlp) + N * cb * (H + I);
   // The MLP as one node (MlpFunction): selective checkpointing, or long
   // micro-batches with checkpointing (model::kMlpChunkAbove). Its backward
   // holds one chunk's recomputed MLP, the chunk's [I] input gradient, the
@@ -395,7 +423,9 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
       // the node's input r wait while the node differentiates chunk by chunk.
       layer_act = model_saved + fetched + attn + N * cb * H + casts_per_layer + mlp_phase + math + root;
     }
-    layer_transient = dequant + 2 * N * cb * H + C * cb * I;
+    // Inside a layer recompute q/k/v/o wait too.
+    const int64_t weights = ckpt == Checkpointing::kSelective ? kept_mlp : kept_attn + kept_mlp;
+    layer_transient = std::max(dequant, weights) + 2 * N * cb * H + C * cb * I;
   }
   if (ckpt != Checkpointing::kOff) {
     // The attention half's backward, once the MLP's is done: its recomputed
@@ -408,7 +438,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
     const int64_t kept = ckpt == Checkpointing::kSelective ? model_saved : model_saved + fetched;
     const int64_t attn_act = kept + casts_per_layer + math +
                              N * (HalfBytesPerToken(in, false) - o_input + 2 * cb * H);
-    const int64_t attn_transient = dequant + N * (q_bytes + SdpaBackwardBytesPerToken(in));
+    const int64_t attn_transient = std::max(dequant, kept_attn) + N * (q_bytes + SdpaBackwardBytesPerToken(in));
     if (attn_act + attn_transient > layer_act + layer_transient) {
       layer_act = attn_act;
       layer_transient = attn_transient;

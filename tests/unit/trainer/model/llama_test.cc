@@ -364,6 +364,46 @@ TEST(Llama, SelectiveRecomputeGivesEqualGrads) {
   ExpectSameGrads(r.plain, r.selective, 1e-5, "dropout");
 }
 
+// Fused q/k/v and gate/up projections (the default: one GEMM per group on
+// stacked weights, LoRA A's stacked and B's block-diagonal) give the loss and
+// LoRA gradients of one GEMM per projection, with and without recompute, and
+// for target sets where a group cannot fuse (LoRA on some members only).
+TEST(Llama, FusedProjectionsGiveEqualGrads) {
+  const std::vector<std::vector<std::string>> target_sets = {
+      {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+      {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"},
+      {"q_proj", "v_proj", "down_proj"}};  // q/k/v unfused (no LoRA on k); gate/up fused, no LoRA
+  for (const std::string base : {"bf16", "nf4"}) {
+    for (const auto& targets : target_sets) {
+      LoadOptions o = Fp32Options(base);
+      o.lora.targets = targets;
+      LlamaConfig c = SmallConfig();
+      auto model = BuildModel(c, RandomWeights(c, 30), o);
+      LlamaForCausalLM& m = *model;
+      RandomizeLora(m, 31);
+      torch::Tensor ids = torch::randint(0, c.vocab_size, {3, 7}, torch::kInt64);
+      torch::Tensor labels = torch::randint(0, c.vocab_size, {3, 7}, torch::kInt64);
+      const auto unfused = LossAndGrads(m, ids, labels, [&] {
+        m.SetFusedProjections(false);
+        m.SetGradientCheckpointing(false);
+      });
+      const std::string what = base + " " + std::to_string(targets.size()) + " targets";
+      struct Mode {
+        const char* name;
+        bool ckpt, selective;
+      };
+      for (const Mode mode : {Mode{"plain", false, false}, Mode{"full", true, false}, Mode{"selective", true, true}}) {
+        const auto fused = LossAndGrads(m, ids, labels, [&] {
+          m.SetFusedProjections(true);
+          m.SetGradientCheckpointing(mode.ckpt);
+          m.SetSelectiveRecompute(mode.selective);
+        });
+        ExpectSameGrads(unfused, fused, 1e-5, what + " " + mode.name);
+      }
+    }
+  }
+}
+
 TEST(Llama, LongMicroBatchChunksTheMlpWithEqualGrads) {
   // 520 x 128 = 66,560 tokens: above kMlpChunkAbove, so with checkpointing
   // every MLP runs as a node over 16,384-token chunks plus a 1,024-token tail.

@@ -131,9 +131,12 @@ TEST(MemoryPlanTest, PredictsTheMeasured8BPeak) {
 // With checkpointing on, micro m >= 4 peaks in the last layer's backward:
 //   536,870,912m (inputs) + 192,872 x 2048m (recomputed layer) + 8,192 x 2048m
 //   (its output, the root of its backward) + 2 x 1,310,720 (bf16 LoRA copies)
-//   + 8 x 58,720,256 (NF4 dequant of a 14336x4096 weight) + 2048m x 2 x
-//   (4096 + 14336) (gradients) = 1,024,147,456m + 472,383,488.
-int64_t PeakOn(int m) { return 6190146432LL + 1024147456LL * m + 472383488LL; }
+//   + the NF4 dequant of the stacked gate/up without the fused kernel: its bf16
+//   buffer 2 x 117,440,512 and one 14336x4096 member's int64 indices + fp32
+//   values 8 x 58,720,256 = 704,643,072 (more than the layer's seven bf16
+//   weights the recompute keeps for their backward, 436,207,616) + 2048m x 2 x
+//   (4096 + 14336) (gradients) = 1,024,147,456m + 707,264,512.
+int64_t PeakOn(int m) { return 6190146432LL + 1024147456LL * m + 707264512LL; }
 // Without checkpointing the cross-entropy backward is the peak:
 //   6,171,904 x 2048m (all layers) + 32 x 2,621,440 (LoRA copies) + 2048m x 4096 x 6
 //   + 2047m x 16,384 + 1,313,341,440.
@@ -157,7 +160,7 @@ struct ChoiceCase {
 };
 
 TEST(MemoryPlanTest, ChoosesSplitPerGpuSize) {
-  // 16 GiB: on m=8 needs 14,855,709,568 x 1.1 > 14,978,698,444 budget; m=4 fits.
+  // 16 GiB: on m=8 needs 15,090,590,592 x 1.1 > 14,978,698,444 budget; m=4 fits.
   EXPECT_FALSE(Fits(PeakOn(8), 16));
   EXPECT_TRUE(Fits(PeakOn(4), 16));
   // 24 GiB: off fits only at m=1 (< 4: recomputing with m=8 is faster); on m=8 fits, m=16 does not.
@@ -252,9 +255,10 @@ TEST(MemoryPlanTest, SelectiveKeepsTwoTensorsPerLayerAndRecomputesTheMlpInANode)
   const Breakdown b = PlanFor(in, 8, Checkpointing::kSelective);
   ASSERT_EQ(b.peak_phase, "layer_backward");
   EXPECT_EQ(b.activations, 32 * 2 * N * 8192 + 32 * kMlpCasts + N * kMlpHalf);
-  // Transient: the 117,440,512-byte dequantised gate (bf16), the incoming
+  // Transient: gate and up as the recompute dequantised them (kept for their
+  // backward) and down's dequantised copy, 3 x 117,440,512 bf16; the incoming
   // gradient and the node's own gradient (2 x N x 8,192), one [N, I] gradient.
-  EXPECT_EQ(b.transient, 14336LL * 4096 * 2 + 2 * N * 8192 + N * 14336 * 2);
+  EXPECT_EQ(b.transient, 3 * 14336LL * 4096 * 2 + 2 * N * 8192 + N * 14336 * 2);
   // With LoRA dropout the model checkpoints whole layers: the plan is "on".
   in.lora_dropout = 0.1;
   EXPECT_EQ(PlanFor(in, 8, Checkpointing::kSelective).peak_allocated,
@@ -271,26 +275,30 @@ TEST(MemoryPlanTest, LongContextOffloadChunksTheMlp) {
   // activations without o_proj's input (45,316 - 8,192), the incoming gradient
   // and the layer output (2 x 8,192), all LoRA copies; transient: the
   // attention output's gradient (8,192) and SDPA's backward buffers (5 x 8,192
-  // + 2 x 2,048 + 128 = 45,184), plus the dequantised 14336x4096 weight. The
-  // second is the peak: the chunked MLP is no longer what bounds the length.
+  // + 2 x 2,048 + 128 = 45,184), plus the largest dense weight, the stacked
+  // gate/up (2 x 14336x4096 bf16; offload keeps no recomputed weight for its
+  // backward). The second is the peak: the chunked MLP no longer bounds the
+  // length.
   const int64_t N = 344064;
-  const int64_t mlp_phase = N * (16384 + kAttnHalf + 16384) + kLayerCasts + 16384 * kMlpHalf +
-                            14336LL * 4096 * 2 + 2 * N * 8192 + 16384LL * 14336 * 2;
+  const int64_t gate_up = 2 * 14336LL * 4096 * 2;
+  const int64_t mlp_phase = N * (16384 + kAttnHalf + 16384) + kLayerCasts + 16384 * kMlpHalf + gate_up +
+                            2 * N * 8192 + 16384LL * 14336 * 2;
   const int64_t attn_act = N * (16384 + kAttnHalf - 8192 + 16384) + kLayerCasts;
-  const int64_t attn_transient = 14336LL * 4096 * 2 + N * (8192 + 45184);
+  const int64_t attn_transient = gate_up + N * (8192 + 45184);
   EXPECT_GT(attn_act + attn_transient, mlp_phase);
   const Breakdown b = PlanFor(Fused8B(N), 1, Checkpointing::kOffload);
   ASSERT_EQ(b.peak_phase, "layer_backward");
   EXPECT_EQ(b.activations, attn_act);
   EXPECT_EQ(b.transient, attn_transient);
-  // 44.63 GiB in all; measured 47.30 GiB on the H200 before the trainer let go
+  // 44.63 GiB in all (44.74 GiB with the stacked gate/up); measured 47.30 GiB
+  // on the H200 before fused projections and before the trainer let go
   // of the final hidden states (8,192 per token) ahead of backward. The whole
   // layer unchunked (147,816 per token kept) would need 47.4 GiB for
   // activations alone.
   // Persistent: NF4 weights without the embedding 4,651,623,296, LoRA params +
   // grads and fp32 AdamW states 2 x 335,544,320, two cuBLAS workspaces.
   EXPECT_EQ(b.peak_allocated, 4651623296LL + 2 * 335544320LL + 67108864LL + attn_act + attn_transient);
-  EXPECT_EQ(b.peak_allocated, 47921963904LL);
+  EXPECT_EQ(b.peak_allocated, 48039404416LL);
   // Host: 32 pinned blocks of 11 x 2^28 bytes and the embedding.
   EXPECT_EQ(b.host, 32 * 11 * (int64_t{1} << 28) + kEmbedding);
 }
@@ -343,8 +351,8 @@ TEST(MemoryPlanTest, SixGigabytesIsShortAndSaysWhy) {
   EXPECT_EQ(p.breakdown.reserved, 3429 * 2 * kMiB);
   EXPECT_EQ(p.shortfall_bytes, 3429 * 2 * kMiB - Budget(6));
   // No sequence length helps: persistent memory with offload plus one
-  // dequantised 14336x4096 weight (8 x 58,720,256) is 5,609,235,328 x 1.1 > the budget.
-  EXPECT_FALSE(Fits(6190146432LL - kEmbedding + 469762048LL, 6));
+  // dequantised stacked gate/up (704,643,072, see PeakOn) is 5,844,116,352 x 1.1 > the budget.
+  EXPECT_FALSE(Fits(6190146432LL - kEmbedding + 704643072LL, 6));
   EXPECT_EQ(p.fix.find("dataset.max_seq_length"), std::string::npos) << p.fix;
   EXPECT_NE(p.fix.find("GPU with at least"), std::string::npos) << p.fix;
   EXPECT_NE(FormatPlan(Job8B(Card(6)), p).find("DOES NOT FIT"), std::string::npos);
@@ -352,21 +360,25 @@ TEST(MemoryPlanTest, SixGigabytesIsShortAndSaysWhy) {
 
 TEST(MemoryPlanTest, NineGigabytesWithCheckpointingOnNeedsShorterSequences) {
   // Budget 0.9 x 8.5 GiB = 8,214,191,718. Checkpointing on, seq 2048, micro 1:
-  // PeakOn(1) = 7,669,900,160, x 1.1 too big. seq 1024: 6,190,146,432
-  // + 268,435,456 (inputs) + 25,165,824 (final norm) + 16,760,832 (rows)
-  // + 1,313,341,440 (chunk) = 7,813,849,984, x 1.1 too big. seq 512: the chunk
-  // shrinks to 511 rows: 134,217,728 + 12,582,912 + 8,372,224 + 655,388,160
-  // -> 7,000,707,456 x 1.1 fits. Offload at seq 2048 (6,536,684,416) fits
-  // too, and is what auto picks; at seq 512 it needs 7,000,707,456 - 134,217,728
-  // (inputs) - 1,050,673,152 (embedding) = 5,815,816,576.
-  EXPECT_FALSE(Fits(PeakOn(1), 9));
+  // the cross-entropy backward's 8,124,228,480 (above PeakOn(1) =
+  // 7,921,558,400), x 1.1 too big. seq 1024: 6,190,146,432 + 268,435,456
+  // (inputs) + 25,165,824 (final norm) + 16,760,832 (rows) + 1,313,341,440
+  // (chunk) = 7,813,849,984, x 1.1 too big. seq 512: the chunk shrinks to 511
+  // rows (7,000,707,456 in all) and the layer backward peaks: 134,217,728
+  // (inputs) + 192,872 x 512 (recomputed layer) + 8,192 x 512 (its output) +
+  // 2,621,440 (LoRA copies) + 704,643,072 (dequant) + 512 x 2 x (4096 + 14336)
+  // -> 7,153,447,808, x 1.1 fits. Offload at seq 2048 (6,536,684,416) fits
+  // too, and is what auto picks; at seq 512 it needs 7,153,447,808 -
+  // 134,217,728 (inputs) + 2 x 4,194,304 (fetched + prefetched input) -
+  // 1,050,673,152 (embedding) = 5,976,945,536.
+  EXPECT_FALSE(Fits(8124228480LL, 9));
   EXPECT_FALSE(Fits(7813849984LL, 9));
-  EXPECT_TRUE(Fits(7000707456LL, 9));
+  EXPECT_TRUE(Fits(7153447808LL, 9));
   EXPECT_TRUE(Fits(6536684416LL, 9));
   PlanInputs shorter = Job8B(0);
   shorter.seq_len = 512;
-  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOn).peak_allocated, 7000707456LL);
-  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOffload).peak_allocated, 5815816576LL);
+  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOn).peak_allocated, 7153447808LL);
+  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOffload).peak_allocated, 5976945536LL);
   PlanInputs on = Job8B(Card(9));
   on.checkpointing = "on";
   const MemoryPlan p = ChoosePlan(on);
@@ -375,12 +387,12 @@ TEST(MemoryPlanTest, NineGigabytesWithCheckpointingOnNeedsShorterSequences) {
   EXPECT_NE(p.fix.find("gradient_checkpointing: auto"), std::string::npos) << p.fix;
   // Auto: offload, and micro 2 fits there: its layer backward needs
   // PeakOn(2) - 2 x 536,870,912 + 2 x 2 x 16,777,216 - 1,050,673,152 =
-  // 6,653,518,720 (x 1.1 fits; its cross-entropy backward, 5,139,473,280 + 2 x
+  // 6,888,399,744 (x 1.1 fits; its cross-entropy backward, 5,139,473,280 + 2 x
   // (50,331,648 + 33,538,048) + 1,313,341,440 = 6,620,554,112, is lower); micro
-  // 4's layer backward, 7,695,180,672 x 1.1, does not.
-  EXPECT_TRUE(Fits(6653518720LL, 9));
+  // 4's layer backward, 7,930,061,696 x 1.1, does not.
+  EXPECT_TRUE(Fits(6888399744LL, 9));
   EXPECT_FALSE(Fits(PeakOn(4) - 4 * 536870912LL + 4 * 16777216LL * 2 - kEmbedding, 9));
-  EXPECT_EQ(PlanFor(Job8B(0), 2, Checkpointing::kOffload).peak_allocated, 6653518720LL);
+  EXPECT_EQ(PlanFor(Job8B(0), 2, Checkpointing::kOffload).peak_allocated, 6888399744LL);
   const MemoryPlan a = ChoosePlan(Job8B(Card(9)));
   EXPECT_TRUE(a.fits);
   EXPECT_EQ(a.checkpointing, Checkpointing::kOffload);

@@ -1,0 +1,226 @@
+#include "worker/trainer/train/step_profiler.h"
+
+#include <torch/torch.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/version.h>
+
+#ifdef TUNE_TORCH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+namespace tune::train {
+namespace {
+
+namespace kp = torch::autograd::profiler;
+namespace pi = torch::profiler::impl;
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool Contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
+
+std::string Lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string Ms(int64_t ns) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", ns / 1e6);
+  return buf;
+}
+
+std::string Pct(int64_t part, int64_t whole) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f%%", whole > 0 ? 100.0 * part / whole : 0.0);
+  return buf;
+}
+
+// Kernel names can be whole template instantiations; the report keeps them readable.
+std::string Shorten(const std::string& name, size_t width = 110) {
+  return name.size() <= width ? name : name.substr(0, width - 3) + "...";
+}
+
+// Length of the union of [start, start + duration) intervals.
+int64_t UnionNs(std::vector<std::pair<int64_t, int64_t>> spans) {
+  std::sort(spans.begin(), spans.end());
+  int64_t total = 0, cur_s = 0, cur_e = -1;
+  for (const auto& [s, e] : spans) {
+    if (s > cur_e) {
+      if (cur_e > cur_s) total += cur_e - cur_s;
+      cur_s = s;
+      cur_e = e;
+    } else {
+      cur_e = std::max(cur_e, e);
+    }
+  }
+  if (cur_e > cur_s) total += cur_e - cur_s;
+  return total;
+}
+
+}  // namespace
+
+bool ParseProfileSteps(const std::string& text, int64_t* first, int64_t* last) {
+  const size_t dash = text.find('-');
+  auto parse = [](const std::string& t, int64_t* out) {
+    if (t.empty() || t.size() > 12 || t.find_first_not_of("0123456789") != std::string::npos) return false;
+    *out = std::stoll(t);
+    return *out >= 1;
+  };
+  if (dash == std::string::npos) return parse(text, first) && (*last = *first, true);
+  return parse(text.substr(0, dash), first) && parse(text.substr(dash + 1), last) && *first <= *last;
+}
+
+std::string KernelClass(const std::string& name) {
+  const std::string n = Lower(name);
+  if (Contains(n, "memcpy") || Contains(n, "memset")) return "copy";
+  if (Contains(n, "flash") || Contains(n, "fmha") || Contains(n, "cudnn") || Contains(n, "attention") ||
+      Contains(n, "sdpa")) {
+    return "attention";
+  }
+  if (Contains(n, "gemm") || Contains(n, "cutlass") || Contains(n, "xmma") || Contains(n, "nvjet") ||
+      Contains(n, "cublas")) {
+    return "GEMM";
+  }
+  if (Contains(n, "tune::") || Contains(n, "nf4dequant") || Contains(n, "rmsnorm") || Contains(n, "ropekernel") ||
+      Contains(n, "swiglu") || Contains(n, "ceforwardrows") || Contains(n, "cebackwardrows")) {
+    return "tune kernels";
+  }
+  return "other";
+}
+
+std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_t wall_ns, int64_t first,
+                                int64_t last, int top) {
+  struct Agg {
+    int64_t ns = 0, count = 0;
+  };
+  std::map<std::string, Agg> by_name, by_class;
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  int64_t device_total = 0;
+  bool any_device = false;
+  for (const auto& e : events) any_device = any_device || e.on_device;
+  for (const auto& e : events) {
+    if (e.on_device != any_device) continue;
+    Agg& a = by_name[e.name];
+    a.ns += e.duration_ns;
+    ++a.count;
+    if (!any_device) continue;
+    Agg& c = by_class[KernelClass(e.name)];
+    c.ns += e.duration_ns;
+    ++c.count;
+    device_total += e.duration_ns;
+    spans.emplace_back(e.start_ns, e.start_ns + e.duration_ns);
+  }
+  const int64_t steps = last - first + 1;
+  std::ostringstream o;
+  o << "tune-train profile: steps " << first << "-" << last << " (" << steps << " step" << (steps > 1 ? "s" : "")
+    << "), wall " << Ms(wall_ns) << " ms, " << Ms(wall_ns / steps) << " ms per step\n";
+  std::vector<std::pair<std::string, Agg>> rows(by_name.begin(), by_name.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
+  if (any_device) {
+    const int64_t busy = UnionNs(spans);
+    o << "device busy " << Ms(busy) << " ms (" << Pct(busy, wall_ns) << " of wall), idle " << Ms(wall_ns - busy)
+      << " ms; kernel + copy time " << Ms(device_total) << " ms in " << spans.size() << " launches\n\n";
+    o << "by class                 ms   share   launches\n";
+    std::vector<std::pair<std::string, Agg>> classes(by_class.begin(), by_class.end());
+    std::sort(classes.begin(), classes.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
+    for (const auto& [name, a] : classes) {
+      char line[160];
+      std::snprintf(line, sizeof line, "%-18s %10s %7s %10lld\n", name.c_str(), Ms(a.ns).c_str(),
+                    Pct(a.ns, device_total).c_str(), static_cast<long long>(a.count));
+      o << line;
+    }
+    o << "\ntop kernels (total ms, share of kernel time, launches, class, name)\n";
+  } else {
+    o << "no device events (CPU run): aten ops by inclusive time (children counted in their parents too)\n";
+  }
+  const int64_t denominator = any_device ? device_total : wall_ns;
+  for (int i = 0; i < static_cast<int>(rows.size()) && i < top; ++i) {
+    const auto& [name, a] = rows[i];
+    char line[64];
+    std::snprintf(line, sizeof line, "%10s %7s %7lld  ", Ms(a.ns).c_str(), Pct(a.ns, denominator).c_str(),
+                  static_cast<long long>(a.count));
+    o << line << (any_device ? KernelClass(name) + "  " : "") << Shorten(name) << "\n";
+  }
+  return o.str();
+}
+
+StepProfiler::StepProfiler(int64_t first, int64_t last, std::string out)
+    : first_(first), last_(last), out_(std::move(out)) {}
+
+StepProfiler::~StepProfiler() {
+  if (running_) kp::disableProfiler();
+}
+
+namespace {
+
+void SyncDevice(bool use_cuda) {
+#ifdef TUNE_TORCH_CUDA
+  if (use_cuda) c10::cuda::device_synchronize();
+#else
+  (void)use_cuda;
+#endif
+}
+
+pi::ProfilerConfig Config() { return pi::ProfilerConfig(pi::ProfilerState::KINETO, false, false); }
+
+std::set<pi::ActivityType> Activities(bool use_cuda) {
+  std::set<pi::ActivityType> a{pi::ActivityType::CPU};
+  if (use_cuda) a.insert(pi::ActivityType::CUDA);
+  return a;
+}
+
+}  // namespace
+
+void StepProfiler::BeforeStep(int64_t step, bool use_cuda) {
+  if (out_.empty() || running_ || step != first_) return;
+  SyncDevice(use_cuda);
+  kp::prepareProfiler(Config(), Activities(use_cuda));
+  kp::enableProfiler(Config(), Activities(use_cuda));
+  running_ = true;
+  t0_ns_ = NowNs();
+}
+
+void StepProfiler::AfterStep(int64_t step, bool use_cuda) {
+  if (!running_ || step < last_) return;
+  SyncDevice(use_cuda);
+  const int64_t wall = NowNs() - t0_ns_;
+  running_ = false;
+  std::unique_ptr<kp::ProfilerResult> result = kp::disableProfiler();
+  std::vector<ProfiledEvent> events;
+  for (const auto& e : result->events()) {
+    ProfiledEvent p;
+    p.name = e.name();
+    p.on_device = e.deviceType() != c10::DeviceType::CPU;
+#if TORCH_VERSION_MAJOR >= 2
+    p.start_ns = static_cast<int64_t>(e.startNs());
+    p.duration_ns = static_cast<int64_t>(e.durationNs());
+#else
+    p.start_ns = static_cast<int64_t>(e.startUs()) * 1000;
+    p.duration_ns = static_cast<int64_t>(e.durationUs()) * 1000;
+#endif
+    events.push_back(std::move(p));
+  }
+  std::string report = FormatProfileReport(events, wall, first_, last_);
+  try {
+    result->save(out_ + ".trace.json");
+    report += "\nChrome trace: " + out_ + ".trace.json\n";
+  } catch (const c10::Error&) {
+    report += "\n(no Chrome trace: this libtorch was built without Kineto)\n";
+  }
+  std::ofstream f(out_);
+  f << report;
+  if (!f) throw std::runtime_error("--profile-out: cannot write " + out_);
+}
+
+}  // namespace tune::train

@@ -1,0 +1,60 @@
+// Where a training step's time goes: `tune-train --profile-steps A[-B]
+// --profile-out FILE` runs torch's profiler over steps A..B (rank 0 only) and
+// writes FILE, a plain-text report:
+//   * wall time of the profiled steps; on a GPU the device's busy time (the
+//     union of kernel and copy intervals) and its idle share, which is time
+//     the GPU waited on the host (launch overhead, syncs);
+//   * device time by kernel class (GEMM, attention, tune's fused kernels,
+//     other torch kernels, copies) and the kernels with the most total time;
+//   * without a GPU, the aten ops with the most inclusive time.
+// Where torch has Kineto (the CUDA wheels), FILE.trace.json holds the Chrome
+// trace as well (chrome://tracing, Perfetto).
+#ifndef TUNE_WORKER_TRAINER_TRAIN_STEP_PROFILER_H_
+#define TUNE_WORKER_TRAINER_TRAIN_STEP_PROFILER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tune::train {
+
+// Parses "A" or "A-B" (1 <= A <= B). Returns false on anything else.
+bool ParseProfileSteps(const std::string& text, int64_t* first, int64_t* last);
+
+// One profiled interval: a device kernel/copy or a host op, times in ns.
+struct ProfiledEvent {
+  std::string name;
+  bool on_device = false;
+  int64_t start_ns = 0, duration_ns = 0;
+};
+
+// "GEMM", "attention", "tune kernels", "copy" or "other" for a device kernel name.
+std::string KernelClass(const std::string& name);
+
+// The report described above for events recorded over `wall_ns`.
+std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_t wall_ns, int64_t first,
+                                int64_t last, int top = 25);
+
+class StepProfiler {
+ public:
+  // Inactive when `out` is empty.
+  StepProfiler(int64_t first, int64_t last, std::string out);
+  ~StepProfiler();
+  // Call around each step; with `use_cuda` the device is synchronised first,
+  // so the window holds whole steps. Starts before step `first`, stops and
+  // writes the report after `last`.
+  // Throws std::runtime_error when the report cannot be written.
+  void BeforeStep(int64_t step, bool use_cuda);
+  void AfterStep(int64_t step, bool use_cuda);
+
+ private:
+  int64_t first_, last_;
+  std::string out_;
+  bool running_ = false;
+  int64_t t0_ns_ = 0;
+};
+
+}  // namespace tune::train
+
+#endif  // TUNE_WORKER_TRAINER_TRAIN_STEP_PROFILER_H_
