@@ -808,15 +808,13 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
   double grad_norm = 0;
   {
     torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> norms;
-    norms.reserve(grads.size());
-    for (const torch::Tensor& g : grads) norms.push_back(g.to(torch::kFloat32).norm(2));
-    grad_norm = torch::stack(norms).norm(2).item<double>();
+    // Multi-tensor ops: a few launches for hundreds of LoRA tensors (fp32).
+    grad_norm = torch::stack(torch::_foreach_norm(grads, 2)).norm(2).item<double>();
     if (scaler_.enabled()) {
       // Unscale before clipping and the update: max_grad_norm is about the
       // true gradient. The loss sum was never scaled.
       const double inv = 1.0 / scaler_.scale();
-      for (torch::Tensor& g : grads) g.mul_(inv);
+      torch::_foreach_mul_(grads, inv);
       grad_norm *= inv;
     }
   }
@@ -912,9 +910,7 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
     if (max_norm > 0) {
       // torch.nn.utils.clip_grad_norm_: scale by max/(norm+1e-6) when below 1.
       const double coef = max_norm / (grad_norm + 1e-6);
-      if (coef < 1.0) {
-        for (torch::Tensor& g : grads) g.mul_(coef);
-      }
+      if (coef < 1.0) torch::_foreach_mul_(grads, coef);
     }
     optimizer_->Step(lr);
     scaler_.Update(/*overflow=*/false);

@@ -100,6 +100,11 @@ struct FrozenWeight : torch::CustomClassHolder {
     return Get(dtype);
   }
   bool quantized() const { return parts[0].nf4.has_value(); }
+  int64_t Rows() const {
+    int64_t rows = 0;
+    for (const FrozenPart& p : parts) rows += p.rows;
+    return rows;
+  }
 
  private:
   // Dense parts that are consecutive rows of one tensor, as one view.
@@ -188,12 +193,21 @@ LoraLinearGrads LoraLinearBackward(const torch::Tensor& g, const torch::Tensor& 
 // residual's gradient is g). a/b (compute-dtype copies of the LoRA leaves)
 // and residual may be absent, passed as empty tensors (torch 1.13's autograd
 // rejects undefined inputs). LoRA dropout is not handled here (the caller
-// composes).
+// composes). `root_only`: the output is recomputed only as the root of a
+// checkpoint's backward (its value is never read), so neither GEMM runs;
+// backward needs only x and xa.
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor a, torch::Tensor b,
-                               torch::Tensor residual, c10::intrusive_ptr<FrozenWeight> w, double scaling) {
-    auto [y, xa] = LoraLinearForward(x, a, b, residual, *w, scaling);
+                               torch::Tensor residual, c10::intrusive_ptr<FrozenWeight> w, double scaling,
+                               bool root_only) {
+    torch::Tensor y, xa;
+    if (root_only) {
+      if (a.numel() > 0) xa = ScaledLoraInput(x, a, scaling);
+      y = torch::empty({x.size(0), w->Rows()}, x.options());
+    } else {
+      std::tie(y, xa) = LoraLinearForward(x, a, b, residual, *w, scaling);
+    }
     const bool lora = a.numel() > 0;
     ctx->save_for_backward({lora ? x : a, a, b, lora ? xa : a});
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
@@ -209,7 +223,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                            ctx->saved_data["scaling"].toDouble(), ctx->needs_input_grad(0),
                                            ctx->needs_input_grad(1), ctx->needs_input_grad(2));
     torch::Tensor dres = ctx->needs_input_grad(3) ? grad_out[0] : torch::Tensor();
-    return {r.dx, r.da, r.db, dres, torch::Tensor(), torch::Tensor()};
+    return {r.dx, r.da, r.db, dres, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -222,6 +236,7 @@ struct MlpWeights : torch::CustomClassHolder {
   c10::intrusive_ptr<FrozenWeight> gate_up;  // set when gate/up run as one GEMM (then s_gate == s_up)
   double s_gate = 1, s_up = 1, s_down = 1;
   int64_t chunk = 0;
+  bool root_only = false;  // see MlpFunction
 
   // swiglu(gate(n), up(n)) with n = rmsnorm(r): autograd ops, so in backward
   // (grad mode on) they form the graph MlpFunction differentiates.
@@ -231,10 +246,10 @@ struct MlpWeights : torch::CustomClassHolder {
     torch::Tensor n = ops::RmsNorm(r, norm, eps);
     if (gate_up) {
       auto [a, b] = ag.numel() > 0 ? StackLora({{ag, bg}, {au, bu}}) : std::make_pair(absent, absent);
-      return cuda_ops::SwiGluHalves(LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate));
+      return cuda_ops::SwiGluHalves(LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate, false));
     }
-    torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate);
-    torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up);
+    torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate, false);
+    torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up, false);
     return cuda_ops::SwiGlu(g, u);
   }
 };
@@ -255,6 +270,9 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
                                c10::intrusive_ptr<MlpWeights> w) {
     ctx->save_for_backward({r, ag, bg, au, bu, ad, bd});
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
+    // Recomputed inside a layer checkpoint only as the root of its backward:
+    // the value is never read, and backward recomputes what it needs.
+    if (w->root_only) return torch::empty_like(r);
     const int64_t n = r.size(0);
     torch::Tensor y;
     for (int64_t s = 0; s < n; s += w->chunk) {
@@ -443,7 +461,7 @@ torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, c
   int64_t out = 0;
   for (const LinearWithLora* lin : group) out += lin->out_features();
   torch::Tensor y = LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, Frozen(group),
-                                              first.scaling());
+                                              first.scaling(), false);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = out;
   return y.view(shape);
@@ -451,7 +469,8 @@ torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, c
 
 }  // namespace
 
-torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual) const {
+torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual,
+                                      bool root_only) const {
   c10::intrusive_ptr<FrozenWeight> w = Frozen(*this);
   const torch::Tensor absent = Absent(x);
   torch::Tensor x2 = x.reshape({-1, in_});
@@ -460,11 +479,11 @@ torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, con
   auto [a, b] = LoraCopies(x.scalar_type(), absent);
   torch::Tensor y;
   if (!dropout) {
-    y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_);
+    y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_, root_only);
   } else {
     // The LoRA branch sees dropout(x): composed from autograd ops, with the
     // update still accumulated into the base output in place.
-    y = LoraLinearFunction::apply(x2, absent, absent, r2, w, 1.0);
+    y = LoraLinearFunction::apply(x2, absent, absent, r2, w, 1.0, false);
     torch::Tensor xa = torch::linear(torch::dropout(x2, dropout_, /*train=*/true), a);
     if (scaling_ != 1.0) xa = xa * scaling_;
     y.addmm_(xa, b.t());
@@ -622,7 +641,8 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
 }
 
 torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                                              const torch::Tensor& sin, const torch::Tensor& segment_ids) {
+                                              const torch::Tensor& sin, const torch::Tensor& segment_ids,
+                                              bool root_only) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
   torch::Tensor h = ops::RmsNorm(x, layer.input_layernorm, config_.rms_norm_eps);
@@ -647,12 +667,12 @@ torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::
   // heads, d] inputs alike, at the same speed (bench/sdpa_backends.py --layouts).
   torch::Tensor a = ops::Attention(q, k, v.contiguous(), segment_ids);
   a = a.transpose(1, 2).reshape({B, T, hq * d});
-  return layer.o_proj.Forward(a, training_, /*residual=*/x);
+  return layer.o_proj.Forward(a, training_, /*residual=*/x, root_only);
 }
 
 bool LlamaForCausalLM::MlpNodeApplies() const { return !(training_ && opts_.lora.dropout > 0); }
 
-torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node) {
+torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only) {
   const int64_t H = config_.hidden_size, n = r.numel() / H;
   as_node = as_node || (checkpointing_ && n > kMlpChunkAbove);
   const std::vector<const LinearWithLora*> gate_up = {&layer.gate_proj, &layer.up_proj};
@@ -675,6 +695,7 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   w->s_up = layer.up_proj.scaling();
   w->s_down = layer.down_proj.scaling();
   w->chunk = n > kMlpChunkAbove ? kMlpChunkTokens : std::max<int64_t>(n, 1);
+  w->root_only = root_only;
   const torch::Tensor absent = Absent(r);
   auto [ag, bg] = layer.gate_proj.LoraCopies(r.scalar_type(), absent);
   auto [au, bu] = layer.up_proj.LoraCopies(r.scalar_type(), absent);
@@ -684,8 +705,12 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
 }
 
 torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                                             const torch::Tensor& sin, const torch::Tensor& segment_ids) {
-  return MlpHalf(layer, AttentionHalf(layer, x, cos, sin, segment_ids), /*as_node=*/false);
+                                             const torch::Tensor& sin, const torch::Tensor& segment_ids,
+                                             bool root_only) {
+  // With checkpointing the MLP runs as its node, so the recompute (root_only)
+  // skips its forward: the node's backward recomputes gate/up itself and
+  // never needs down's output.
+  return MlpHalf(layer, AttentionHalf(layer, x, cos, sin, segment_ids), /*as_node=*/checkpointing_, root_only);
 }
 
 bool LlamaForCausalLM::embedding_on_host() const { return embed_.is_cpu() && !opts_.device.is_cpu(); }
@@ -754,15 +779,19 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     const bool keep = !offloader;
     if (selective) {
       auto attention = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
-        KeepDenseScope scope(torch::GradMode::is_enabled());
-        return AttentionHalf(*lp, x, cos, sin, seg);
+        // In the recompute the output (r) is only the backward's root: the
+        // MLP node kept its own r, so o_proj's GEMMs are skipped.
+        const bool recompute = torch::GradMode::is_enabled();
+        KeepDenseScope scope(recompute);
+        return AttentionHalf(*lp, x, cos, sin, seg, /*root_only=*/recompute);
       };
       h = MlpHalf(layer, ops::Checkpoint(attention, h, lora_leaves(layer, true)), /*as_node=*/true);
       continue;
     }
     auto fn = [this, lp, cos = cos, sin = sin, seg, keep](const torch::Tensor& x) {
-      KeepDenseScope scope(keep && torch::GradMode::is_enabled());
-      return LayerForward(*lp, x, cos, sin, seg);
+      const bool recompute = torch::GradMode::is_enabled();
+      KeepDenseScope scope(keep && recompute);
+      return LayerForward(*lp, x, cos, sin, seg, /*root_only=*/recompute);
     };
     h = ops::Checkpoint(fn, h, lora_leaves(layer, false), offloader ? offloader->NewStash() : nullptr);
   }

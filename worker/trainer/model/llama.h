@@ -63,7 +63,11 @@ class LinearWithLora {
   void EnableLora(const LoraOptions& lora, torch::Device device, at::Generator gen);
   // [residual +] x W^T [+ LoRA]; residual (optional) has the output's shape
   // and is added inside the GEMM (the decoder's residual connections).
-  torch::Tensor Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual = {}) const;
+  // root_only: the output is only the root of a checkpoint's backward (its
+  // values are left unset; no GEMM runs but the LoRA input's). Ignored while
+  // LoRA dropout is active.
+  torch::Tensor Forward(const torch::Tensor& x, bool training, const torch::Tensor& residual = {},
+                        bool root_only = false) const;
   // Re-homes the dense base weights of `group` (all dense, same input size)
   // as consecutive rows of one tensor, so their fused projection multiplies
   // by it in place (no per-call concatenation). NF4 weights need no such
@@ -146,9 +150,10 @@ class LlamaForCausalLM : public torch::nn::Module {
   // checkpointed; its MLP half runs as one node that keeps its input (the
   // residual stream after attention) and in backward recomputes the gate and
   // up projections but not the down projection's output. One more [tokens,
-  // hidden] tensor per layer is kept than with plain checkpointing, and the
-  // down projection's forward GEMM (a quarter of the recompute) is not re-run.
-  // With LoRA dropout active the layer is checkpointed whole instead.
+  // hidden] tensor per layer is kept than with plain checkpointing (whose
+  // recompute skips down's forward too, the MLP being the same node there),
+  // and the attention recompute skips o_proj's GEMMs: its output is not
+  // needed. With LoRA dropout active the layer is checkpointed whole instead.
   void SetSelectiveRecompute(bool on) { selective_ = on; }
   bool selective_recompute() const { return selective_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
@@ -182,16 +187,21 @@ class LlamaForCausalLM : public torch::nn::Module {
  private:
   LlamaForCausalLM(LlamaConfig config, LoadOptions opts);
   torch::Tensor Embed(const torch::Tensor& input_ids) const;
+  // One decoder layer; with checkpointing its MLP runs as the node.
+  // root_only (a checkpoint's recompute): the output is only the root of the
+  // backward, so work that only produces its value is skipped (the MLP
+  // node's forward; o_proj's GEMMs when the attention half is the output).
   torch::Tensor LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                             const torch::Tensor& sin, const torch::Tensor& segment_ids);
+                             const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false);
   // x + o_proj(attention(rope(q/k/v_proj(rmsnorm(x))))).
   torch::Tensor AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                              const torch::Tensor& sin, const torch::Tensor& segment_ids);
+                              const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false);
   // r + down(swiglu(gate(n), up(n))), n = rmsnorm(r): as one chunked node
-  // (llama.cc MlpFunction) when `as_node`, or with checkpointing on for more
-  // than kMlpChunkAbove tokens; plain autograd ops otherwise or while LoRA
-  // dropout is active.
-  torch::Tensor MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node);
+  // (llama.cc MlpFunction) when `as_node` (checkpointing: selective, or on,
+  // where the layer recompute then skips the MLP's forward), or with
+  // checkpointing on for more than kMlpChunkAbove tokens; plain autograd ops
+  // otherwise or while LoRA dropout is active.
+  torch::Tensor MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only = false);
   bool MlpNodeApplies() const;
 
   LlamaConfig config_;

@@ -221,6 +221,20 @@ int64_t OptimizerStateBytes(const PlanInputs& in) {
 
 namespace {
 
+// AdamW's fp32 denominators, made for every fp32-state tensor at once by the
+// multi-tensor update (train/optimizer.cc).
+int64_t AdamDenominatorBytes(const PlanInputs& in) {
+  const bool eight_bit = in.optimizer == "adamw_8bit";
+  int64_t per_layer = 0;
+  for (const LinearShape& s : LinearShapes(in.model)) {
+    if (!IsTarget(in, s.name)) continue;
+    for (const int64_t n : {int64_t{in.lora_r} * s.in, s.out * in.lora_r}) {
+      if (StateBytesFor(n, eight_bit) == 8 * n) per_layer += 4 * n;  // fp32 states
+    }
+  }
+  return in.model.num_hidden_layers * per_layer;
+}
+
 bool IsMlpModule(const std::string& name) { return name == "gate_proj" || name == "up_proj" || name == "down_proj"; }
 
 // What autograd keeps per token for the modules of one half of a layer
@@ -402,7 +416,9 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // micro-batches with checkpointing (model::kMlpChunkAbove). Its backward
   // holds one chunk's recomputed MLP, the chunk's [I] input gradient, the
   // incoming gradient and its own [N, H] output gradient.
-  const bool mlp_node = ckpt == Checkpointing::kSelective || MlpChunked(in, ckpt, N);
+  // With checkpointing (and no LoRA dropout) the MLP always runs as the node:
+  // a layer recompute then skips its forward.
+  const bool mlp_node = ckpt != Checkpointing::kOff && in.lora_dropout == 0;
   // With checkpointing the recomputed layer's output is the root of its
   // backward and stays alive until that ends.
   const int64_t root = ckpt == Checkpointing::kOff ? 0 : N * cb * H;
@@ -452,7 +468,9 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   }
   const int64_t bucket = in.world_size > 1 ? std::max<int64_t>(int64_t{25} << 20, 4 * largest_lora) : 0;
 
-  const int64_t a = ce_act + ce_logits, l = layer_act + layer_transient, o = bucket;
+  // Then the optimizer's denominators (the bucket is gone by then).
+  const int64_t denom = AdamDenominatorBytes(in);
+  const int64_t a = ce_act + ce_logits, l = layer_act + layer_transient, o = std::max(bucket, denom);
   if (a >= l && a >= o) {
     b.activations = ce_act;
     b.logits = ce_logits;
@@ -462,7 +480,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
     b.transient = layer_transient;
     b.peak_phase = "layer_backward";
   } else {
-    b.allreduce = bucket;
+    (bucket >= denom ? b.allreduce : b.transient) = o;
     b.peak_phase = "optimizer";
   }
   b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;

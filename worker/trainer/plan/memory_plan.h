@@ -52,7 +52,9 @@
 //                  allocator per thread handle; forward runs on the main
 //                  thread and backward on autograd's device thread: two.
 //   * allreduce  — Communicator::AllReduceSumBucketed's fp32 bucket
-//                  (world > 1); it exists only after backward.
+//                  (world > 1); it exists only after backward. Then AdamW's
+//                  fp32 denominators of every fp32-state tensor at once (the
+//                  multi-tensor update), counted as transient when larger.
 // The allocated peak is the largest of three phases: the cross-entropy
 // backward, the backward of the last decoder layer, the all-reduce/optimizer.
 // Calibration (H200, torch 2.11): the llama3-8b preset at seq 2048, micro 1,

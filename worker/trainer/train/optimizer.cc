@@ -45,36 +45,51 @@ void AdamW::Step(double lr) {
   const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
   const double step_size = lr / bc1;
   const double bc2_sqrt = std::sqrt(bc2);
+  // fp32 states: every parameter in one multi-tensor op per line of the
+  // update (a few launches, not ~8 per tensor: the host, not the GPU, bounds
+  // hundreds of small tensors); the same arithmetic, element by element.
+  std::vector<torch::Tensor> ps, gs, ms, vs;
   for (size_t i = 0; i < params_.size(); ++i) {
     torch::Tensor& p = params_[i];
     const torch::Tensor& g = p.grad();
     if (!g.defined()) continue;
     State& s = states_[i];
-    torch::Tensor m, v;
-    if (s.quantized) {
-      m = DequantizeBlockwise(s.mq, Code(true, p.device()), p.sizes(), options_.block);
-      v = DequantizeBlockwise(s.vq, Code(false, p.device()), p.sizes(), options_.block);
-    } else {
-      m = s.m;
-      v = s.v;
+    if (!s.quantized) {
+      ps.push_back(p);
+      gs.push_back(g);
+      ms.push_back(s.m);
+      vs.push_back(s.v);
+      continue;
     }
+    torch::Tensor m = DequantizeBlockwise(s.mq, Code(true, p.device()), p.sizes(), options_.block);
+    torch::Tensor v = DequantizeBlockwise(s.vq, Code(false, p.device()), p.sizes(), options_.block);
     if (options_.weight_decay != 0) p.mul_(1.0 - lr * options_.weight_decay);
     m.mul_(b1).add_(g, 1.0 - b1);
     v.mul_(b2).addcmul_(g, g, 1.0 - b2);
     torch::Tensor denom = (v.sqrt() / bc2_sqrt).add_(options_.eps);
     p.addcdiv_(m, denom, -step_size);
-    if (s.quantized) {
-      s.mq = QuantizeBlockwise(m, Code(true, p.device()), options_.block);
-      s.vq = QuantizeBlockwise(v, Code(false, p.device()), options_.block);
-    }
+    s.mq = QuantizeBlockwise(m, Code(true, p.device()), options_.block);
+    s.vq = QuantizeBlockwise(v, Code(false, p.device()), options_.block);
   }
+  if (ps.empty()) return;
+  if (options_.weight_decay != 0) torch::_foreach_mul_(ps, 1.0 - lr * options_.weight_decay);
+  torch::_foreach_mul_(ms, b1);
+  torch::_foreach_add_(ms, gs, 1.0 - b1);
+  torch::_foreach_mul_(vs, b2);
+  torch::_foreach_addcmul_(vs, gs, gs, 1.0 - b2);
+  std::vector<torch::Tensor> denom = torch::_foreach_sqrt(vs);
+  torch::_foreach_div_(denom, bc2_sqrt);
+  torch::_foreach_add_(denom, options_.eps);
+  torch::_foreach_addcdiv_(ps, ms, denom, -step_size);
 }
 
 void AdamW::ZeroGrad() {
   torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> grads;
   for (torch::Tensor& p : params_) {
-    if (p.grad().defined()) p.mutable_grad().zero_();
+    if (p.grad().defined()) grads.push_back(p.grad());
   }
+  if (!grads.empty()) torch::_foreach_zero_(grads);
 }
 
 int64_t AdamW::StateBytes() const {

@@ -128,15 +128,18 @@ TEST(MemoryPlanTest, PredictsTheMeasured8BPeak) {
   EXPECT_GE(b.reserved, static_cast<int64_t>(b.peak_allocated * (1 + kFragmentation)));
 }
 
-// With checkpointing on, micro m >= 4 peaks in the last layer's backward:
+// With checkpointing on, micro m >= 4 peaks in the last layer's backward,
+// while the MLP node differentiates inside the layer's recompute:
 //   536,870,912m (inputs) + 192,872 x 2048m (recomputed layer) + 8,192 x 2048m
-//   (its output, the root of its backward) + 2 x 1,310,720 (bf16 LoRA copies)
+//   (its output, the root of its backward) + 8,192 x 2048m (the node's input r)
+//   + 2 x 1,310,720 (bf16 LoRA copies)
 //   + the NF4 dequant of the stacked gate/up without the fused kernel: its bf16
 //   buffer 2 x 117,440,512 and one 14336x4096 member's int64 indices + fp32
 //   values 8 x 58,720,256 = 704,643,072 (more than the layer's seven bf16
 //   weights the recompute keeps for their backward, 436,207,616) + 2048m x 2 x
-//   (4096 + 14336) (gradients) = 1,024,147,456m + 707,264,512.
-int64_t PeakOn(int m) { return 6190146432LL + 1024147456LL * m + 707264512LL; }
+//   (2 x 4096 + 14336) (gradients: incoming, the node's own, one [I]) =
+//   1,057,701,888m + 707,264,512.
+int64_t PeakOn(int m) { return 6190146432LL + 1057701888LL * m + 707264512LL; }
 // Without checkpointing the cross-entropy backward is the peak:
 //   6,171,904 x 2048m (all layers) + 32 x 2,621,440 (LoRA copies) + 2048m x 4096 x 6
 //   + 2047m x 16,384 + 1,313,341,440.
@@ -160,7 +163,7 @@ struct ChoiceCase {
 };
 
 TEST(MemoryPlanTest, ChoosesSplitPerGpuSize) {
-  // 16 GiB: on m=8 needs 15,090,590,592 x 1.1 > 14,978,698,444 budget; m=4 fits.
+  // 16 GiB: on m=8 needs 15,359,026,048 x 1.1 > 14,978,698,444 budget; m=4 fits.
   EXPECT_FALSE(Fits(PeakOn(8), 16));
   EXPECT_TRUE(Fits(PeakOn(4), 16));
   // 24 GiB: off fits only at m=1 (< 4: recomputing with m=8 is faster); on m=8 fits, m=16 does not.
@@ -361,24 +364,24 @@ TEST(MemoryPlanTest, SixGigabytesIsShortAndSaysWhy) {
 TEST(MemoryPlanTest, NineGigabytesWithCheckpointingOnNeedsShorterSequences) {
   // Budget 0.9 x 8.5 GiB = 8,214,191,718. Checkpointing on, seq 2048, micro 1:
   // the cross-entropy backward's 8,124,228,480 (above PeakOn(1) =
-  // 7,921,558,400), x 1.1 too big. seq 1024: 6,190,146,432 + 268,435,456
+  // 7,955,112,832), x 1.1 too big. seq 1024: 6,190,146,432 + 268,435,456
   // (inputs) + 25,165,824 (final norm) + 16,760,832 (rows) + 1,313,341,440
   // (chunk) = 7,813,849,984, x 1.1 too big. seq 512: the chunk shrinks to 511
   // rows (7,000,707,456 in all) and the layer backward peaks: 134,217,728
-  // (inputs) + 192,872 x 512 (recomputed layer) + 8,192 x 512 (its output) +
-  // 2,621,440 (LoRA copies) + 704,643,072 (dequant) + 512 x 2 x (4096 + 14336)
-  // -> 7,153,447,808, x 1.1 fits. Offload at seq 2048 (6,536,684,416) fits
-  // too, and is what auto picks; at seq 512 it needs 7,153,447,808 -
-  // 134,217,728 (inputs) + 2 x 4,194,304 (fetched + prefetched input) -
-  // 1,050,673,152 (embedding) = 5,976,945,536.
+  // (inputs) + 192,872 x 512 (recomputed layer) + 2 x 8,192 x 512 (its output,
+  // the MLP node's input) + 2,621,440 (LoRA copies) + 704,643,072 (dequant) +
+  // 512 x 2 x (2 x 4096 + 14336) -> 7,161,836,416, x 1.1 fits. Offload at seq
+  // 2048 (6,536,684,416) fits too, and is what auto picks; at seq 512 it needs
+  // 7,161,836,416 - 134,217,728 (inputs) + 2 x 4,194,304 (fetched +
+  // prefetched input) - 1,050,673,152 (embedding) = 5,985,334,144.
   EXPECT_FALSE(Fits(8124228480LL, 9));
   EXPECT_FALSE(Fits(7813849984LL, 9));
-  EXPECT_TRUE(Fits(7153447808LL, 9));
+  EXPECT_TRUE(Fits(7161836416LL, 9));
   EXPECT_TRUE(Fits(6536684416LL, 9));
   PlanInputs shorter = Job8B(0);
   shorter.seq_len = 512;
-  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOn).peak_allocated, 7153447808LL);
-  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOffload).peak_allocated, 5976945536LL);
+  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOn).peak_allocated, 7161836416LL);
+  EXPECT_EQ(PlanFor(shorter, 1, Checkpointing::kOffload).peak_allocated, 5985334144LL);
   PlanInputs on = Job8B(Card(9));
   on.checkpointing = "on";
   const MemoryPlan p = ChoosePlan(on);
@@ -387,12 +390,12 @@ TEST(MemoryPlanTest, NineGigabytesWithCheckpointingOnNeedsShorterSequences) {
   EXPECT_NE(p.fix.find("gradient_checkpointing: auto"), std::string::npos) << p.fix;
   // Auto: offload, and micro 2 fits there: its layer backward needs
   // PeakOn(2) - 2 x 536,870,912 + 2 x 2 x 16,777,216 - 1,050,673,152 =
-  // 6,888,399,744 (x 1.1 fits; its cross-entropy backward, 5,139,473,280 + 2 x
+  // 6,955,508,608 (x 1.1 fits; its cross-entropy backward, 5,139,473,280 + 2 x
   // (50,331,648 + 33,538,048) + 1,313,341,440 = 6,620,554,112, is lower); micro
-  // 4's layer backward, 7,930,061,696 x 1.1, does not.
-  EXPECT_TRUE(Fits(6888399744LL, 9));
+  // 4's layer backward, 8,064,279,424 x 1.1, does not.
+  EXPECT_TRUE(Fits(6955508608LL, 9));
   EXPECT_FALSE(Fits(PeakOn(4) - 4 * 536870912LL + 4 * 16777216LL * 2 - kEmbedding, 9));
-  EXPECT_EQ(PlanFor(Job8B(0), 2, Checkpointing::kOffload).peak_allocated, 6888399744LL);
+  EXPECT_EQ(PlanFor(Job8B(0), 2, Checkpointing::kOffload).peak_allocated, 6955508608LL);
   const MemoryPlan a = ChoosePlan(Job8B(Card(9)));
   EXPECT_TRUE(a.fits);
   EXPECT_EQ(a.checkpointing, Checkpointing::kOffload);
