@@ -237,6 +237,7 @@ struct MlpWeights : torch::CustomClassHolder {
   double s_gate = 1, s_up = 1, s_down = 1;
   int64_t chunk = 0;
   bool root_only = false;  // see MlpFunction
+  bool keep_dense = true;  // backward keeps gate/up's dequantised copy for their own backward (not with offload)
 
   // swiglu(gate(n), up(n)) with n = rmsnorm(r): autograd ops, so in backward
   // (grad mode on) they form the graph MlpFunction differentiates.
@@ -320,7 +321,7 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
       torch::Tensor act;
       {
         torch::AutoGradMode enable(true);
-        KeepDenseScope keep(true);  // gate/up's backward follows within this chunk
+        KeepDenseScope keep(w.keep_dense);  // gate/up's backward follows within this chunk
         act = w.Activation(rc, leaves[0], leaves[1], leaves[2], leaves[3]);
       }
       torch::Tensor xa = ad.numel() > 0 ? ScaledLoraInput(act.detach(), ad, w.s_down) : torch::Tensor();
@@ -696,6 +697,7 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   w->s_down = layer.down_proj.scaling();
   w->chunk = n > kMlpChunkAbove ? kMlpChunkTokens : std::max<int64_t>(n, 1);
   w->root_only = root_only;
+  w->keep_dense = !offload_;  // offload is for least memory
   const torch::Tensor absent = Absent(r);
   auto [ag, bg] = layer.gate_proj.LoraCopies(r.scalar_type(), absent);
   auto [au, bu] = layer.up_proj.LoraCopies(r.scalar_type(), absent);
