@@ -316,6 +316,20 @@ TEST_F(TrainerIntegrationTest, ProfileStepsWritesAReportAndChangesNothing) {
                        (*root_ / "profile-bad").string()),
             2);
   EXPECT_NE(ReadFile(*root_ / "profile-bad.err").find("--profile-steps needs A or A-B"), std::string::npos);
+  // A window past max_steps still gets its report, saying which steps ran.
+  const std::string tail = (*root_ / "profile-tail.txt").string();
+  ASSERT_EQ(RunTrainer({"--config", WriteJob("profile-tail", o), "--profile-steps", "3-9", "--profile-out", tail},
+                       (*root_ / "profile-tail").string()),
+            0);
+  const std::string tail_text = ReadFile(tail);
+  EXPECT_NE(tail_text.find("steps 3-3 (1 step)"), std::string::npos) << tail_text;
+  EXPECT_NE(tail_text.find("asked for steps 3-9; training ran steps 3-3"), std::string::npos) << tail_text;
+  // An unwritable report path is a spec error before any step runs.
+  EXPECT_EQ(RunTrainer({"--config", WriteJob("profile-nodir", o), "--profile-steps", "1", "--profile-out",
+                        "/nonexistent/dir/p.txt"},
+                       (*root_ / "profile-nodir").string()),
+            2);
+  EXPECT_NE(ReadFile(*root_ / "profile-nodir.err").find("--profile-out: cannot write"), std::string::npos);
 }
 
 TEST_F(TrainerIntegrationTest, ResumeContinuesExactly) {

@@ -186,6 +186,7 @@ LoraLinearGrads LoraLinearBackward(const torch::Tensor& g, const torch::Tensor& 
     if (need_da) r.da = dxa.t().mm(x);
     if (r.dx.defined()) r.dx.addmm_(dxa, a);
   }
+  w.kept = torch::Tensor();  // unused when dx was not needed: do not hold it until the graph dies
   return r;
 }
 
@@ -697,7 +698,7 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   w->s_down = layer.down_proj.scaling();
   w->chunk = n > kMlpChunkAbove ? kMlpChunkTokens : std::max<int64_t>(n, 1);
   w->root_only = root_only;
-  w->keep_dense = !offload_;  // offload is for least memory
+  w->keep_dense = !OffloadsActivations();  // offload is for least memory
   const torch::Tensor absent = Absent(r);
   auto [ag, bg] = layer.gate_proj.LoraCopies(r.scalar_type(), absent);
   auto [au, bu] = layer.up_proj.LoraCopies(r.scalar_type(), absent);
@@ -753,7 +754,7 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
   const bool checkpoint = checkpointing_ && torch::GradMode::is_enabled();
   // Offload: layer inputs wait in host memory, copied on a side stream.
   std::optional<HostOffloader> offloader;
-  if (checkpoint && offload_ && dev.is_cuda()) offloader.emplace(dev);
+  if (checkpoint && OffloadsActivations()) offloader.emplace(dev);
   // Selective: only the attention half is checkpointed; the MLP node keeps
   // its input instead (MlpFunction), so its output GEMM is never recomputed.
   const bool selective = checkpoint && selective_ && !offloader && MlpNodeApplies();

@@ -203,6 +203,8 @@ class LlamaForCausalLM : public torch::nn::Module {
   // otherwise or while LoRA dropout is active.
   torch::Tensor MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only = false);
   bool MlpNodeApplies() const;
+  // Offload set on a GPU (on CPU the inputs are host memory already: "on").
+  bool OffloadsActivations() const { return offload_ && opts_.device.is_cuda(); }
 
   LlamaConfig config_;
   LoadOptions opts_;

@@ -27,13 +27,13 @@ bool IsTarget(const PlanInputs& in, const std::string& module) {
 }
 
 // Whether the projections `group` run as one GEMM (LlamaForCausalLM::
-// SetFusedProjections): LoRA on all or none of them, no LoRA dropout.
+// SetFusedProjections): LoRA on all or none of them, and no LoRA dropout on
+// them (a group without LoRA fuses whatever the dropout).
 bool FusesGroup(const PlanInputs& in, const std::vector<std::string>& group) {
-  if (in.lora_dropout > 0) return false;
   for (const std::string& m : group) {
     if (IsTarget(in, m) != IsTarget(in, group[0])) return false;
   }
-  return true;
+  return !(in.lora_dropout > 0 && IsTarget(in, group[0]));
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -16,6 +16,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "worker/trainer/config.h"
+
 namespace tune::train {
 namespace {
 
@@ -100,7 +102,7 @@ std::string KernelClass(const std::string& name) {
 }
 
 std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_t wall_ns, int64_t first,
-                                int64_t last, int top) {
+                                int64_t last, int64_t steps, int top) {
   struct Agg {
     int64_t ns = 0, count = 0;
   };
@@ -121,7 +123,7 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
     device_total += e.duration_ns;
     spans.emplace_back(e.start_ns, e.start_ns + e.duration_ns);
   }
-  const int64_t steps = last - first + 1;
+  steps = std::max<int64_t>(steps, 1);
   std::ostringstream o;
   o << "tune-train profile: steps " << first << "-" << last << " (" << steps << " step" << (steps > 1 ? "s" : "")
     << "), wall " << Ms(wall_ns) << " ms, " << Ms(wall_ns / steps) << " ms per step\n";
@@ -156,7 +158,11 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
 }
 
 StepProfiler::StepProfiler(int64_t first, int64_t last, std::string out)
-    : first_(first), last_(last), out_(std::move(out)) {}
+    : first_(first), last_(last), out_(std::move(out)) {
+  if (out_.empty()) return;
+  std::ofstream probe(out_);
+  if (!probe) throw ConfigError("--profile-out: cannot write " + out_ + " (does its directory exist?)");
+}
 
 StepProfiler::~StepProfiler() {
   if (running_) kp::disableProfiler();
@@ -183,19 +189,31 @@ std::set<pi::ActivityType> Activities(bool use_cuda) {
 }  // namespace
 
 void StepProfiler::BeforeStep(int64_t step, bool use_cuda) {
-  if (out_.empty() || running_ || step != first_) return;
+  if (out_.empty() || running_ || done_ || step < first_ || step > last_) return;
   SyncDevice(use_cuda);
   kp::prepareProfiler(Config(), Activities(use_cuda));
   kp::enableProfiler(Config(), Activities(use_cuda));
   running_ = true;
+  first_run_ = step;
   t0_ns_ = NowNs();
 }
 
 void StepProfiler::AfterStep(int64_t step, bool use_cuda) {
-  if (!running_ || step < last_) return;
+  if (!running_) return;
+  ++steps_run_;
+  last_run_ = step;
+  if (step >= last_) Write(use_cuda);
+}
+
+void StepProfiler::Finish(bool use_cuda) {
+  if (running_) Write(use_cuda);
+}
+
+void StepProfiler::Write(bool use_cuda) {
   SyncDevice(use_cuda);
   const int64_t wall = NowNs() - t0_ns_;
   running_ = false;
+  done_ = true;
   std::unique_ptr<kp::ProfilerResult> result = kp::disableProfiler();
   std::vector<ProfiledEvent> events;
   for (const auto& e : result->events()) {
@@ -211,7 +229,12 @@ void StepProfiler::AfterStep(int64_t step, bool use_cuda) {
 #endif
     events.push_back(std::move(p));
   }
-  std::string report = FormatProfileReport(events, wall, first_, last_);
+  std::string report = FormatProfileReport(events, wall, first_run_, last_run_, steps_run_);
+  if (first_run_ != first_ || last_run_ != last_) {
+    report += "\n(asked for steps " + std::to_string(first_) + "-" + std::to_string(last_) +
+              "; training ran steps " + std::to_string(first_run_) + "-" + std::to_string(last_run_) +
+              " inside that window)\n";
+  }
   try {
     result->save(out_ + ".trace.json");
     report += "\nChrome trace: " + out_ + ".trace.json\n";

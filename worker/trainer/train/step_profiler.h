@@ -32,27 +32,36 @@ struct ProfiledEvent {
 // "GEMM", "attention", "tune kernels", "copy" or "other" for a device kernel name.
 std::string KernelClass(const std::string& name);
 
-// The report described above for events recorded over `wall_ns`.
+// The report described above for events recorded over `wall_ns`, which ran
+// `steps` steps numbered first..last (more than last - first + 1 when a
+// rollback redid some).
 std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_t wall_ns, int64_t first,
-                                int64_t last, int top = 25);
+                                int64_t last, int64_t steps, int top = 25);
 
 class StepProfiler {
  public:
-  // Inactive when `out` is empty.
+  // Inactive when `out` is empty. Throws ConfigError when `out` cannot be
+  // written (checked here, before any step runs).
   StepProfiler(int64_t first, int64_t last, std::string out);
   ~StepProfiler();
   // Call around each step; with `use_cuda` the device is synchronised first,
-  // so the window holds whole steps. Starts before step `first`, stops and
-  // writes the report after `last`.
-  // Throws std::runtime_error when the report cannot be written.
+  // so the window holds whole steps. Starts before the first step in
+  // [first, last] (a resumed run may begin inside the window), stops and
+  // writes the report after `last`. Steps redone after a rollback count again.
   void BeforeStep(int64_t step, bool use_cuda);
   void AfterStep(int64_t step, bool use_cuda);
+  // When training ends inside the window (max_steps < last, a stop request):
+  // writes the report for the steps profiled so far. A no-op otherwise.
+  void Finish(bool use_cuda);
 
  private:
+  void Write(bool use_cuda);
+
   int64_t first_, last_;
   std::string out_;
-  bool running_ = false;
+  bool running_ = false, done_ = false;
   int64_t t0_ns_ = 0;
+  int64_t first_run_ = 0, last_run_ = 0, steps_run_ = 0;
 };
 
 }  // namespace tune::train

@@ -15,6 +15,7 @@
 #include <filesystem>
 
 #include "tests/unit/trainer/model/test_util.h"
+#include "worker/trainer/model/cuda_ops.h"
 #include "worker/trainer/model/llama.h"
 #include "worker/trainer/model/llama_ops.h"
 #include "worker/trainer/model/nf4.h"
@@ -289,6 +290,27 @@ TEST(Gpu, SelectiveAndChunkedMlpMatchPlainBackward) {
 }
 
 // Llama-3-8B shapes, 2 layers: NF4 base, bf16 compute, seq 2048, checkpointing.
+// SwiGluHalves on [N, 2I] is SwiGlu on its two halves, bit for bit, forward
+// and backward: the same kernel, with the gradient written as one tensor.
+// I = 136 takes the vectorised path, I = 35 (unaligned rows) the scalar one.
+TEST(Gpu, SwiGluHalvesEqualsSwiGluOnTheHalves) {
+  if (!cuda_ops::Enabled()) GTEST_SKIP() << "fused kernels not built";
+  const auto bf16 = torch::dtype(torch::kBFloat16).device(torch::kCUDA);
+  for (const int64_t i : {int64_t{136}, int64_t{35}}) {
+    torch::Tensor gu = torch::randn({37, 2 * i}, bf16).requires_grad_();
+    torch::Tensor dh = torch::randn({37, i}, bf16);
+    torch::Tensor h = cuda_ops::SwiGluHalves(gu);
+    h.backward(dh);
+    torch::Tensor gate = gu.detach().narrow(1, 0, i).clone().requires_grad_();
+    torch::Tensor up = gu.detach().narrow(1, i, i).clone().requires_grad_();
+    torch::Tensor want = cuda_ops::SwiGlu(gate, up);
+    want.backward(dh);
+    EXPECT_TRUE(torch::equal(h, want)) << i;
+    EXPECT_TRUE(torch::equal(gu.grad().narrow(1, 0, i), gate.grad())) << i;
+    EXPECT_TRUE(torch::equal(gu.grad().narrow(1, i, i), up.grad())) << i;
+  }
+}
+
 // Fused q/k/v and gate/up projections on the device (NF4 parts dequantised
 // into one buffer, the SwiGLU kernel on the halves of one tensor and its
 // gradient written as one), bf16 + fused kernels, with and without recompute,

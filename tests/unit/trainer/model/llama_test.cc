@@ -4,11 +4,13 @@
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -364,6 +366,21 @@ TEST(Llama, SelectiveRecomputeGivesEqualGrads) {
   ExpectSameGrads(r.plain, r.selective, 1e-5, "dropout");
 }
 
+// The aten ops `fn` runs (torch's profiler; CPU ops).
+std::set<std::string> OpsRun(const std::function<void()>& fn) {
+  namespace kp = torch::autograd::profiler;
+  namespace pi = torch::profiler::impl;
+  const pi::ProfilerConfig config(pi::ProfilerState::KINETO, false, false);
+  const std::set<pi::ActivityType> cpu{pi::ActivityType::CPU};
+  kp::prepareProfiler(config, cpu);
+  kp::enableProfiler(config, cpu);
+  fn();
+  const std::unique_ptr<kp::ProfilerResult> result = kp::disableProfiler();
+  std::set<std::string> ops;
+  for (const auto& e : result->events()) ops.insert(e.name());
+  return ops;
+}
+
 // Fused q/k/v and gate/up projections (the default: one GEMM per group on
 // stacked weights, LoRA A's stacked and B's block-diagonal) give the loss and
 // LoRA gradients of one GEMM per projection, with and without recompute, and
@@ -400,6 +417,22 @@ TEST(Llama, FusedProjectionsGiveEqualGrads) {
         });
         ExpectSameGrads(unfused, fused, 1e-5, what + " " + mode.name);
       }
+      // The fused path really ran: the stacked LoRA B (block_diag) and the
+      // split of q/k/v appear only there. (In the third set only gate/up
+      // fuse, without LoRA: neither op; its gradients are checked above.)
+      auto ops = [&](bool fused) {
+        return OpsRun([&] {
+          LossAndGrads(m, ids, labels, [&] {
+            m.SetFusedProjections(fused);
+            m.SetGradientCheckpointing(false);
+          });
+        });
+      };
+      const std::set<std::string> on = ops(true), off = ops(false);
+      const bool qkv_lora = targets.size() != 3;
+      EXPECT_EQ(on.count("aten::block_diag") == 1, qkv_lora) << what;
+      EXPECT_EQ(on.count("aten::split_with_sizes") == 1, qkv_lora) << what;
+      EXPECT_FALSE(off.count("aten::block_diag") || off.count("aten::split_with_sizes")) << what;
     }
   }
 }

@@ -39,7 +39,7 @@ TEST(StepProfiler, BusyIsTheUnionOfKernelIntervals) {
       {"nvjet_gemm_a", true, 80000, 10000},
       {"aten::mm", false, 0, 90000},  // host ops are left out when device events exist
   };
-  const std::string r = FormatProfileReport(events, 100000, 3, 4);
+  const std::string r = FormatProfileReport(events, 100000, 3, 4, 2);
   EXPECT_NE(r.find("steps 3-4 (2 steps), wall 0.10 ms, 0.05 ms per step"), std::string::npos) << r;
   EXPECT_NE(r.find("device busy 0.06 ms (60.0% of wall), idle 0.04 ms; kernel + copy time 0.07 ms in 3 launches"),
             std::string::npos)
@@ -51,7 +51,7 @@ TEST(StepProfiler, BusyIsTheUnionOfKernelIntervals) {
 
 TEST(StepProfiler, HostOpsWithoutADevice) {
   const std::string r = FormatProfileReport({{"aten::mm", false, 0, 3000000}, {"aten::add", false, 0, 1000000}},
-                                            5000000, 2, 2);
+                                            5000000, 2, 2, 1);
   EXPECT_NE(r.find("no device events"), std::string::npos) << r;
   EXPECT_LT(r.find("aten::mm"), r.find("aten::add")) << r;  // by time, largest first
 }
