@@ -986,29 +986,27 @@ int Trainer::Train() {
   while (step <= max_steps_) {
     bool rolled_back = false;
     profiler_.BeforeStep(step, cfg_.use_cuda);
-    const bool ran = RunStep(step, &rolled_back);
-    if (ran) profiler_.AfterStep(step, cfg_.use_cuda);
-    if (!ran) {
+    if (!RunStep(step, &rolled_back)) {
       profiler_.Finish(cfg_.use_cuda);
       if (state_.step > 0) SaveCheckpoint();
       events_->EmitLog("info", "stop requested (SIGTERM/SIGINT): stopped before step " + std::to_string(step) +
                                    "; --resume continues from step " + std::to_string(state_.step + 1));
       return kExitTerminated;
     }
+    const bool final_step = !rolled_back && (step == max_steps_ || step == stop_after_);
+    profiler_.AfterStep(step, cfg_.use_cuda, final_step);
     if (rolled_back) {
       step = state_.step + 1;
       continue;
     }
     const int every = cfg_.spec.checkpoint.every_steps;
-    if ((every > 0 && step % every == 0) || step == max_steps_ || step == stop_after_) SaveCheckpoint();
+    if ((every > 0 && step % every == 0) || final_step) SaveCheckpoint();
     if (step == stop_after_ && step < max_steps_) {
-      profiler_.Finish(cfg_.use_cuda);
       events_->EmitLog("info", "--stop-after-step " + std::to_string(step) + " reached; --resume continues");
       return kExitOk;
     }
     ++step;
   }
-  profiler_.Finish(cfg_.use_cuda);  // max_steps ended inside the profiled window
   SaveCheckpoint();
   Finish();
   return kExitOk;

@@ -295,12 +295,6 @@ torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up) {
   return torch::silu(gate) * up;
 }
 
-torch::Tensor SwiGluHalves(const torch::Tensor& gu) {
-  const int64_t i = gu.size(-1) / 2;
-  if (Enabled() && IsCudaBf16(gu) && gu.numel() > 0 && gu.size(-1) % 2 == 0) return SwiGluHalvesFn::apply(gu);
-  return SwiGlu(gu.narrow(-1, 0, i), gu.narrow(-1, i, i));
-}
-
 torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor& q, const torch::Tensor& scratch) {
   TORCH_CHECK(q.packed.defined() && q.packed.is_cuda(), "nf4 dequantize: the NF4 tensor must be on a CUDA device");
   TORCH_CHECK(IsCudaBf16(scratch) && scratch.is_contiguous() && scratch.device() == q.device(),
@@ -337,10 +331,6 @@ torch::Tensor TryLinearCrossEntropySum(const torch::Tensor&, const torch::Tensor
   return {};
 }
 torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up) { return torch::silu(gate) * up; }
-torch::Tensor SwiGluHalves(const torch::Tensor& gu) {
-  const int64_t i = gu.size(-1) / 2;
-  return SwiGlu(gu.narrow(-1, 0, i), gu.narrow(-1, i, i));
-}
 torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor&, const torch::Tensor&) {
   TORCH_CHECK(false, "nf4 dequantize: this tune-train was built without the CUDA kernels (needs a CUDA libtorch "
                      "and nvcc; see TUNE_WITH_CUDA)");
@@ -348,5 +338,13 @@ torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor&, const torch::Tensor&) {
 }
 
 #endif  // TUNE_HAVE_FUSED_KERNELS
+
+torch::Tensor SwiGluHalves(const torch::Tensor& gu) {
+#ifdef TUNE_HAVE_FUSED_KERNELS
+  if (Enabled() && IsCudaBf16(gu) && gu.numel() > 0 && gu.size(-1) % 2 == 0) return SwiGluHalvesFn::apply(gu);
+#endif
+  const int64_t i = gu.size(-1) / 2;
+  return SwiGlu(gu.narrow(-1, 0, i), gu.narrow(-1, i, i));
+}
 
 }  // namespace tune::model::cuda_ops

@@ -73,10 +73,8 @@ struct FrozenWeight : torch::CustomClassHolder {
       return p.nf4 ? DequantizeForMatmul(*p.nf4, dtype) : p.dense;
     }
     if (torch::Tensor v = AdjacentDense(); v.defined()) return v;
-    int64_t rows = 0;
-    for (const FrozenPart& p : parts) rows += p.rows;
     const torch::Tensor& any = parts[0].nf4 ? parts[0].nf4->packed : parts[0].dense;
-    torch::Tensor out = torch::empty({rows, in}, any.options().dtype(dtype));
+    torch::Tensor out = torch::empty({Rows(), in}, any.options().dtype(dtype));
     int64_t r = 0;
     for (const FrozenPart& p : parts) {
       torch::Tensor slice = out.narrow(0, r, p.rows);
@@ -233,8 +231,8 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
 struct MlpWeights : torch::CustomClassHolder {
   torch::Tensor norm;  // post_attention_layernorm
   double eps = 0;
-  c10::intrusive_ptr<FrozenWeight> gate, up, down;
-  c10::intrusive_ptr<FrozenWeight> gate_up;  // set when gate/up run as one GEMM (then s_gate == s_up)
+  c10::intrusive_ptr<FrozenWeight> gate, up, down;  // gate/up unset when they run as one GEMM:
+  c10::intrusive_ptr<FrozenWeight> gate_up;         // then this is set (and s_gate == s_up)
   double s_gate = 1, s_up = 1, s_down = 1;
   int64_t chunk = 0;
   bool root_only = false;  // see MlpFunction
@@ -460,13 +458,11 @@ torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, c
     for (const LinearWithLora* lin : group) ab.push_back(lin->LoraCopies(x.scalar_type(), absent));
     std::tie(a, b) = StackLora(ab);
   }
-  int64_t out = 0;
-  for (const LinearWithLora* lin : group) out += lin->out_features();
-  torch::Tensor y = LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, Frozen(group),
-                                              first.scaling(), false);
+  c10::intrusive_ptr<FrozenWeight> w = Frozen(group);
   std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = out;
-  return y.view(shape);
+  shape.back() = w->Rows();
+  return LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, w, first.scaling(), false)
+      .view(shape);
 }
 
 }  // namespace
@@ -676,7 +672,6 @@ bool LlamaForCausalLM::MlpNodeApplies() const { return !(training_ && opts_.lora
 
 torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only) {
   const int64_t H = config_.hidden_size, n = r.numel() / H;
-  as_node = as_node || (checkpointing_ && n > kMlpChunkAbove);
   const std::vector<const LinearWithLora*> gate_up = {&layer.gate_proj, &layer.up_proj};
   const bool fuse = fused_projections_ && CanFuse(gate_up, training_);
   if (!as_node || !MlpNodeApplies()) {
@@ -689,10 +684,13 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   auto w = c10::make_intrusive<MlpWeights>();
   w->norm = layer.post_attention_layernorm;
   w->eps = config_.rms_norm_eps;
-  w->gate = Frozen(layer.gate_proj);
-  w->up = Frozen(layer.up_proj);
+  if (fuse) {
+    w->gate_up = Frozen(gate_up);
+  } else {
+    w->gate = Frozen(layer.gate_proj);
+    w->up = Frozen(layer.up_proj);
+  }
   w->down = Frozen(layer.down_proj);
-  if (fuse) w->gate_up = Frozen(gate_up);
   w->s_gate = layer.gate_proj.scaling();
   w->s_up = layer.up_proj.scaling();
   w->s_down = layer.down_proj.scaling();
@@ -779,7 +777,6 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     // Captured by value: the closures run again during backward, with grad
     // mode on; the weights dequantised then are kept for the backward that
     // follows (t_keep_dense), except with offload, which is for least memory.
-    const bool keep = !offloader;
     if (selective) {
       auto attention = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
         // In the recompute the output (r) is only the backward's root: the
@@ -791,9 +788,9 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
       h = MlpHalf(layer, ops::Checkpoint(attention, h, lora_leaves(layer, true)), /*as_node=*/true);
       continue;
     }
-    auto fn = [this, lp, cos = cos, sin = sin, seg, keep](const torch::Tensor& x) {
+    auto fn = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
       const bool recompute = torch::GradMode::is_enabled();
-      KeepDenseScope scope(keep && recompute);
+      KeepDenseScope scope(recompute && !OffloadsActivations());
       return LayerForward(*lp, x, cos, sin, seg, /*root_only=*/recompute);
     };
     h = ops::Checkpoint(fn, h, lora_leaves(layer, false), offloader ? offloader->NewStash() : nullptr);

@@ -196,10 +196,10 @@ class LlamaForCausalLM : public torch::nn::Module {
   // x + o_proj(attention(rope(q/k/v_proj(rmsnorm(x))))).
   torch::Tensor AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                               const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false);
-  // r + down(swiglu(gate(n), up(n))), n = rmsnorm(r): as one chunked node
-  // (llama.cc MlpFunction) when `as_node` (checkpointing: selective, or on,
-  // where the layer recompute then skips the MLP's forward), or with
-  // checkpointing on for more than kMlpChunkAbove tokens; plain autograd ops
+  // r + down(swiglu(gate(n), up(n))), n = rmsnorm(r): as one node
+  // (llama.cc MlpFunction, in kMlpChunkTokens chunks above kMlpChunkAbove
+  // tokens) when `as_node` (checkpointing: selective, or on/offload, where the
+  // layer recompute then skips the MLP's forward); plain autograd ops
   // otherwise or while LoRA dropout is active.
   torch::Tensor MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only = false);
   bool MlpNodeApplies() const;

@@ -412,12 +412,11 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) + math;
   // (Whole-layer recompute: at down's backward every weight of the layer waits.)
   int64_t layer_transient = std::max(dequant, kept_attn + kept_mlp) + N * cb * (H + I);
-  // The MLP as one node (MlpFunction): selective checkpointing, or long
-  // micro-batches with checkpointing (model::kMlpChunkAbove). Its backward
-  // holds one chunk's recomputed MLP, the chunk's [I] input gradient, the
-  // incoming gradient and its own [N, H] output gradient.
-  // With checkpointing (and no LoRA dropout) the MLP always runs as the node:
-  // a layer recompute then skips its forward.
+  // With checkpointing (and no LoRA dropout) the MLP runs as one node
+  // (MlpFunction), which a layer recompute skips; its backward holds one
+  // chunk's recomputed MLP (model::kMlpChunkTokens above kMlpChunkAbove
+  // tokens, else all), the chunk's [I] input gradient, the incoming gradient
+  // and its own [N, H] output gradient.
   const bool mlp_node = ckpt != Checkpointing::kOff && in.lora_dropout == 0;
   // With checkpointing the recomputed layer's output is the root of its
   // backward and stays alive until that ends.

@@ -198,11 +198,11 @@ void StepProfiler::BeforeStep(int64_t step, bool use_cuda) {
   t0_ns_ = NowNs();
 }
 
-void StepProfiler::AfterStep(int64_t step, bool use_cuda) {
+void StepProfiler::AfterStep(int64_t step, bool use_cuda, bool final_step) {
   if (!running_) return;
   ++steps_run_;
   last_run_ = step;
-  if (step >= last_) Write(use_cuda);
+  if (step >= last_ || final_step) Write(use_cuda);
 }
 
 void StepProfiler::Finish(bool use_cuda) {

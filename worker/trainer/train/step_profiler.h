@@ -47,11 +47,14 @@ class StepProfiler {
   // Call around each step; with `use_cuda` the device is synchronised first,
   // so the window holds whole steps. Starts before the first step in
   // [first, last] (a resumed run may begin inside the window), stops and
-  // writes the report after `last`. Steps redone after a rollback count again.
+  // writes the report after `last`, or after the run's final step inside the
+  // window (`final_step`: max_steps or --stop-after-step), so a window cut
+  // short holds no checkpoint writing. Steps redone after a rollback count
+  // again.
   void BeforeStep(int64_t step, bool use_cuda);
-  void AfterStep(int64_t step, bool use_cuda);
-  // When training ends inside the window (max_steps < last, a stop request):
-  // writes the report for the steps profiled so far. A no-op otherwise.
+  void AfterStep(int64_t step, bool use_cuda, bool final_step);
+  // A stop request before a step inside the window: writes the report for the
+  // steps profiled so far. A no-op otherwise.
   void Finish(bool use_cuda);
 
  private:
