@@ -84,4 +84,24 @@ Status LinearCrossEntropyBackward(const LinearCrossEntropyArgs& args, const floa
   return OkStatus();
 }
 
+Status LinearCrossEntropyForwardWithGrad(const LinearCrossEntropyArgs& args, float* lse, float* row_loss,
+                                         float* loss_sum, uint16_t* dhidden, int64_t dhidden_stride) {
+  Status s = LinearCrossEntropyForward(args, lse, row_loss, loss_sum);
+  if (!s.ok() || args.rows == 0) return s;
+  const float one = 1.0f;
+  return LinearCrossEntropyBackward(args, lse, &one, dhidden, dhidden_stride);
+}
+
+Status ScaleBf16Rows(const uint16_t* src, int64_t src_stride, uint16_t* dst, int64_t dst_stride, int64_t rows,
+                     int64_t cols, const float* scale) {
+  Status s = validate::ScaleBf16Rows(src, src_stride, dst, dst_stride, rows, cols, scale);
+  if (!s.ok()) return s;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[r * dst_stride + c] = FloatToBf16(Bf16ToFloat(src[r * src_stride + c]) * *scale);
+    }
+  }
+  return OkStatus();
+}
+
 }  // namespace tune::kernels::ref

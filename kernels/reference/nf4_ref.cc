@@ -50,8 +50,8 @@ std::array<float, 256> Nf4DynamicMap() {
   return out;
 }
 
-Status Nf4DequantizeBf16(const Nf4View& q, uint16_t* out) {
-  Status s = validate::Nf4(q, out);
+Status Nf4DequantizeBf16Rows(const Nf4View& q, int64_t row_len, uint16_t* out, int64_t out_stride) {
+  Status s = validate::Nf4Rows(q, row_len, out, out_stride);
   if (!s.ok()) return s;
   for (int64_t i = 0; i < q.numel; ++i) {
     const int64_t block = i / q.block_size;
@@ -66,9 +66,14 @@ Status Nf4DequantizeBf16(const Nf4View& q, uint16_t* out) {
     const uint8_t byte = q.packed[i / 2];
     const int code = (i % 2 == 0) ? (byte >> 4) : (byte & 15);
     volatile float v = kNf4CodeTable[code] * absmax;
-    out[i] = FloatToBf16(v);
+    out[i / row_len * out_stride + i % row_len] = FloatToBf16(v);
   }
   return OkStatus();
+}
+
+Status Nf4DequantizeBf16(const Nf4View& q, uint16_t* out) {
+  const int64_t all = std::max<int64_t>(q.numel, 1);
+  return Nf4DequantizeBf16Rows(q, all, out, all);
 }
 
 }  // namespace tune::kernels::ref

@@ -30,6 +30,7 @@ inline float RoundBf16(float v) { return Bf16ToFloat(FloatToBf16(v)); }
 std::array<float, 256> Nf4DynamicMap();
 
 Status Nf4DequantizeBf16(const Nf4View& q, uint16_t* out);
+Status Nf4DequantizeBf16Rows(const Nf4View& q, int64_t row_len, uint16_t* out, int64_t out_stride);
 
 Status RmsNormForward(const RmsNormShape& shape, const uint16_t* x, int64_t x_stride, const uint16_t* weight,
                       uint16_t* y, int64_t y_stride, float* rstd);
@@ -52,6 +53,11 @@ Status SwiGluBackward(const SwiGluShape& shape, const uint16_t* gate, int64_t ga
 Status LinearCrossEntropyForward(const LinearCrossEntropyArgs& args, float* lse, float* row_loss, float* loss_sum);
 Status LinearCrossEntropyBackward(const LinearCrossEntropyArgs& args, const float* lse, const float* grad_scale,
                                   uint16_t* dhidden, int64_t dhidden_stride);
+Status LinearCrossEntropyForwardWithGrad(const LinearCrossEntropyArgs& args, float* lse, float* row_loss,
+                                         float* loss_sum, uint16_t* dhidden, int64_t dhidden_stride);
+// scale is a host pointer here.
+Status ScaleBf16Rows(const uint16_t* src, int64_t src_stride, uint16_t* dst, int64_t dst_stride, int64_t rows,
+                     int64_t cols, const float* scale);
 
 }  // namespace tune::kernels::ref
 

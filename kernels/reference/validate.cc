@@ -23,6 +23,16 @@ Status Nf4(const Nf4View& q, const uint16_t* out) {
   return OkStatus();
 }
 
+Status Nf4Rows(const Nf4View& q, int64_t row_len, const uint16_t* out, int64_t out_stride) {
+  Status s = Nf4(q, out);
+  if (!s.ok()) return s;
+  if (row_len <= 0 || q.numel % row_len != 0) {
+    return InvalidArgument("nf4: row_len must be > 0 and divide numel (whole rows)");
+  }
+  if (out_stride < row_len) return InvalidArgument("nf4: out_stride must be >= row_len");
+  return OkStatus();
+}
+
 Status RmsNorm(const RmsNormShape& shape, const void* x, int64_t x_stride, const void* weight, const void* out,
                int64_t out_stride) {
   if (shape.rows < 0) return InvalidArgument("rmsnorm: rows must be >= 0");
@@ -105,6 +115,20 @@ Status LinearCrossEntropy(const LinearCrossEntropyArgs& args, bool need_scratch)
         args.hidden_stride > INT32_MAX || args.weight_stride > INT32_MAX) {
       return InvalidArgument("linear_cross_entropy: sizes and strides must fit in 32 bits (cuBLAS)");
     }
+  }
+  return OkStatus();
+}
+
+Status ScaleBf16Rows(const void* src, int64_t src_stride, const void* dst, int64_t dst_stride, int64_t rows,
+                     int64_t cols, const float* scale) {
+  if (rows < 0 || cols < 0) return InvalidArgument("scale_bf16_rows: rows and cols must be >= 0");
+  if (rows == 0 || cols == 0) return OkStatus();
+  if (src == nullptr || dst == nullptr || scale == nullptr) {
+    return InvalidArgument("scale_bf16_rows: src, dst and scale must be non-null");
+  }
+  if (src_stride < cols || dst_stride < cols) return InvalidArgument("scale_bf16_rows: row strides must be >= cols");
+  if (src == dst && src_stride != dst_stride) {
+    return InvalidArgument("scale_bf16_rows: dst aliasing src needs the same row stride");
   }
   return OkStatus();
 }

@@ -15,6 +15,7 @@
 namespace tune::kernels::validate {
 
 Status Nf4(const Nf4View& q, const uint16_t* out);
+Status Nf4Rows(const Nf4View& q, int64_t row_len, const uint16_t* out, int64_t out_stride);
 Status RmsNorm(const RmsNormShape& shape, const void* x, int64_t x_stride, const void* weight, const void* out,
                int64_t out_stride);
 Status RmsNormBackward(const RmsNormShape& shape, const void* x, int64_t x_stride, const void* weight,
@@ -24,6 +25,8 @@ Status SwiGlu(const SwiGluShape& shape, const void* a, int64_t a_stride, const v
               const void* out, int64_t out_stride);
 // Scratch (logits_chunk, chunk_rows) is checked only when need_scratch.
 Status LinearCrossEntropy(const LinearCrossEntropyArgs& args, bool need_scratch);
+Status ScaleBf16Rows(const void* src, int64_t src_stride, const void* dst, int64_t dst_stride, int64_t rows,
+                     int64_t cols, const float* scale);
 
 }  // namespace tune::kernels::validate
 

@@ -115,7 +115,8 @@ __global__ void CeForwardRows(const uint16_t* __restrict__ logits, int64_t vocab
   }
 }
 
-// Backward: logits -> dlogits = bf16((exp(x - lse) - onehot) * grad_scale), in place.
+// Backward: logits -> dlogits = bf16((exp(x - lse) - onehot) * grad_scale), in place
+// (grad_scale null: 1, multiplied all the same so the result is the same bits).
 template <bool kVec>
 __global__ void CeBackwardRows(uint16_t* logits, int64_t vocab, const int64_t* __restrict__ labels, int64_t row0,
                                const float* __restrict__ lse, const float* __restrict__ grad_scale) {
@@ -124,7 +125,7 @@ __global__ void CeBackwardRows(uint16_t* logits, int64_t vocab, const int64_t* _
   const int64_t y = labels[row0 + r];
   const bool ignore = y == kIgnoreIndex;
   const float l = lse[row0 + r];
-  const float g = *grad_scale;
+  const float g = grad_scale != nullptr ? *grad_scale : 1.0f;
   auto grad = [&](float x, int64_t j) -> uint16_t {
     if (ignore) return 0;
     const float p = expf(x - l) - (j == y ? 1.0f : 0.0f);
@@ -166,10 +167,77 @@ bool VocabRowsAligned(const LinearCrossEntropyArgs& a) {
   return a.vocab % 8 == 0 && detail::Aligned16(a.logits_chunk);
 }
 
-}  // namespace
+// The row reductions of one chunk of n rows starting at c0 (logits in scratch).
+Status ChunkRows(const LinearCrossEntropyArgs& a, int64_t c0, int64_t n, float* lse, float* row_loss,
+                 cudaStream_t stream) {
+  // n <= 2^31 - 1 (validated chunk_rows), within the grid's x limit.
+  if (VocabRowsAligned(a)) {
+    CeForwardRows<true><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(a.logits_chunk, a.vocab, a.labels, c0,
+                                                                          lse, row_loss);
+  } else {
+    CeForwardRows<false><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(a.logits_chunk, a.vocab, a.labels, c0,
+                                                                           lse, row_loss);
+  }
+  return detail::LaunchStatus();
+}
 
-Status LinearCrossEntropyForward(const LinearCrossEntropyArgs& args, float* lse, float* row_loss, float* loss_sum,
-                                 cudaStream_t stream) {
+// dhidden rows c0..c0+n from the chunk's logits: dlogits in place, then
+// dhidden_chunk = dlogits @ weight (column-major: weight x dlogits).
+Status ChunkGrad(cublasHandle_t handle, const LinearCrossEntropyArgs& a, int64_t c0, int64_t n, const float* lse,
+                 const float* grad_scale, uint16_t* dhidden, int64_t dhidden_stride, cudaStream_t stream) {
+  if (VocabRowsAligned(a)) {
+    CeBackwardRows<true><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(a.logits_chunk, a.vocab, a.labels, c0,
+                                                                           lse, grad_scale);
+  } else {
+    CeBackwardRows<false><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(a.logits_chunk, a.vocab, a.labels, c0,
+                                                                            lse, grad_scale);
+  }
+  Status s = detail::LaunchStatus();
+  if (!s.ok()) return s;
+  const float alpha = 1.0f, beta = 0.0f;
+  return CublasStatus(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(a.hidden_dim),
+                                   static_cast<int>(n), static_cast<int>(a.vocab), &alpha, a.weight, CUDA_R_16BF,
+                                   static_cast<int>(a.weight_stride), a.logits_chunk, CUDA_R_16BF,
+                                   static_cast<int>(a.vocab), &beta, dhidden + c0 * dhidden_stride, CUDA_R_16BF,
+                                   static_cast<int>(dhidden_stride), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+Status CheckDhidden(const LinearCrossEntropyArgs& a, const uint16_t* dhidden, int64_t dhidden_stride) {
+  if (dhidden == nullptr) return InvalidArgument("linear_cross_entropy: dhidden must be non-null");
+  if (dhidden_stride < a.hidden_dim || dhidden_stride > INT32_MAX) {
+    return InvalidArgument("linear_cross_entropy: dhidden_stride must be in [hidden_dim, 2^31)");
+  }
+  return OkStatus();
+}
+
+// y = bf16(float(x) * *scale), one thread per element (grid-stride).
+__global__ void ScaleRowsKernel(const uint16_t* x, int64_t xs, uint16_t* y, int64_t ys, int64_t rows, int64_t cols,
+                                const float* __restrict__ scale) {
+  const float g = *scale;
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    y[r * ys + c] = F32ToBf16(Bf16ToF32(x[r * xs + c]) * g);
+  }
+}
+
+// The same with 8 elements per thread (cols, strides and pointers 16-byte aligned).
+__global__ void ScaleRowsKernel8(const uint16_t* x, int64_t xs, uint16_t* y, int64_t ys, int64_t rows, int64_t cols,
+                                 const float* __restrict__ scale) {
+  const float g = *scale;
+  const int64_t per_row = cols / 8, n = rows * per_row;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / per_row, c = (i - r * per_row) * 8;
+    Bf16x8 v = *reinterpret_cast<const Bf16x8*>(x + r * xs + c);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v.v[k] = F32ToBf16(Bf16ToF32(v.v[k]) * g);
+    *reinterpret_cast<Bf16x8*>(y + r * ys + c) = v;
+  }
+}
+
+// Forward, with dhidden (unit grad scale) when it is non-null.
+Status Forward(const LinearCrossEntropyArgs& args, float* lse, float* row_loss, float* loss_sum, uint16_t* dhidden,
+               int64_t dhidden_stride, cudaStream_t stream) {
   Status s = validate::LinearCrossEntropy(args, /*need_scratch=*/true);
   if (!s.ok()) return s;
   if (loss_sum == nullptr) return InvalidArgument("linear_cross_entropy forward: loss_sum is null");
@@ -180,63 +248,66 @@ Status LinearCrossEntropyForward(const LinearCrossEntropyArgs& args, float* lse,
   cublasHandle_t handle;
   s = HandleFor(stream, &handle);
   if (!s.ok()) return s;
-  const bool vec = VocabRowsAligned(args);
   for (int64_t c0 = 0; c0 < args.rows; c0 += args.chunk_rows) {
     const int64_t n = std::min(args.chunk_rows, args.rows - c0);
     s = ChunkLogits(handle, args, c0, n);
-    if (!s.ok()) return s;
-    // n <= 2^31 - 1 (validated chunk_rows), within the grid's x limit.
-    if (vec) {
-      CeForwardRows<true><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(args.logits_chunk, args.vocab,
-                                                                            args.labels, c0, lse, row_loss);
-    } else {
-      CeForwardRows<false><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(args.logits_chunk, args.vocab,
-                                                                             args.labels, c0, lse, row_loss);
-    }
-    s = detail::LaunchStatus();
+    if (s.ok()) s = ChunkRows(args, c0, n, lse, row_loss, stream);
+    if (s.ok() && dhidden != nullptr) s = ChunkGrad(handle, args, c0, n, lse, nullptr, dhidden, dhidden_stride, stream);
     if (!s.ok()) return s;
   }
   SumRows<<<1, 1024, 0, stream>>>(row_loss, args.rows, loss_sum);
   return detail::LaunchStatus();
 }
 
+}  // namespace
+
+Status LinearCrossEntropyForward(const LinearCrossEntropyArgs& args, float* lse, float* row_loss, float* loss_sum,
+                                 cudaStream_t stream) {
+  return Forward(args, lse, row_loss, loss_sum, nullptr, 0, stream);
+}
+
+Status LinearCrossEntropyForwardWithGrad(const LinearCrossEntropyArgs& args, float* lse, float* row_loss,
+                                         float* loss_sum, uint16_t* dhidden, int64_t dhidden_stride,
+                                         cudaStream_t stream) {
+  Status s = CheckDhidden(args, dhidden, dhidden_stride);
+  if (!s.ok()) return s;
+  return Forward(args, lse, row_loss, loss_sum, dhidden, dhidden_stride, stream);
+}
+
 Status LinearCrossEntropyBackward(const LinearCrossEntropyArgs& args, const float* lse, const float* grad_scale,
                                   uint16_t* dhidden, int64_t dhidden_stride, cudaStream_t stream) {
   Status s = validate::LinearCrossEntropy(args, /*need_scratch=*/true);
   if (!s.ok() || args.rows == 0) return s;
-  if (lse == nullptr || grad_scale == nullptr || dhidden == nullptr) {
-    return InvalidArgument("linear_cross_entropy backward: lse, grad_scale and dhidden must be non-null");
+  if (lse == nullptr || grad_scale == nullptr) {
+    return InvalidArgument("linear_cross_entropy backward: lse and grad_scale must be non-null");
   }
-  if (dhidden_stride < args.hidden_dim || dhidden_stride > INT32_MAX) {
-    return InvalidArgument("linear_cross_entropy backward: dhidden_stride must be in [hidden_dim, 2^31)");
-  }
+  s = CheckDhidden(args, dhidden, dhidden_stride);
+  if (!s.ok()) return s;
   cublasHandle_t handle;
   s = HandleFor(stream, &handle);
   if (!s.ok()) return s;
-  const bool vec = VocabRowsAligned(args);
-  const float alpha = 1.0f, beta = 0.0f;
   for (int64_t c0 = 0; c0 < args.rows; c0 += args.chunk_rows) {
     const int64_t n = std::min(args.chunk_rows, args.rows - c0);
     s = ChunkLogits(handle, args, c0, n);
-    if (!s.ok()) return s;
-    if (vec) {
-      CeBackwardRows<true><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(args.logits_chunk, args.vocab,
-                                                                             args.labels, c0, lse, grad_scale);
-    } else {
-      CeBackwardRows<false><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(args.logits_chunk, args.vocab,
-                                                                              args.labels, c0, lse, grad_scale);
-    }
-    s = detail::LaunchStatus();
-    if (!s.ok()) return s;
-    // dhidden[c0:c0+n, :] = dlogits @ weight (column-major: weight x dlogits).
-    s = CublasStatus(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(args.hidden_dim),
-                                  static_cast<int>(n), static_cast<int>(args.vocab), &alpha, args.weight, CUDA_R_16BF,
-                                  static_cast<int>(args.weight_stride), args.logits_chunk, CUDA_R_16BF,
-                                  static_cast<int>(args.vocab), &beta, dhidden + c0 * dhidden_stride, CUDA_R_16BF,
-                                  static_cast<int>(dhidden_stride), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (s.ok()) s = ChunkGrad(handle, args, c0, n, lse, grad_scale, dhidden, dhidden_stride, stream);
     if (!s.ok()) return s;
   }
   return OkStatus();
+}
+
+Status ScaleBf16Rows(const uint16_t* src, int64_t src_stride, uint16_t* dst, int64_t dst_stride, int64_t rows,
+                     int64_t cols, const float* scale, cudaStream_t stream) {
+  Status s = validate::ScaleBf16Rows(src, src_stride, dst, dst_stride, rows, cols, scale);
+  if (!s.ok() || rows == 0 || cols == 0) return s;
+  constexpr int kScaleThreads = 256;
+  if (cols % 8 == 0 && src_stride % 8 == 0 && dst_stride % 8 == 0 && detail::Aligned16(src) && detail::Aligned16(dst)) {
+    ScaleRowsKernel8<<<detail::GridFor(rows * (cols / 8), kScaleThreads), kScaleThreads, 0, stream>>>(
+        src, src_stride, dst, dst_stride, rows, cols, scale);
+  } else {
+    ScaleRowsKernel<<<detail::GridFor(rows * cols, kScaleThreads), kScaleThreads, 0, stream>>>(
+        src, src_stride, dst, dst_stride, rows, cols, scale);
+  }
+  return detail::LaunchStatus();
 }
 
 }  // namespace tune::kernels

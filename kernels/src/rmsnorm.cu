@@ -55,16 +55,24 @@ __global__ void RmsNormFwdKernel(int64_t rows, int64_t hidden, float eps, const 
   }
 }
 
-// Scalar on purpose: backward is memory-bound on three streams (x, dy, dx)
-// and the per-element math is longer; 2-byte accesses coalesce per warp.
+// Backward's per-block dweight accumulator: zeroed, then added to global
+// memory once per block and column.
+__device__ __forceinline__ void ZeroShared(float* acc, int64_t n) {
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) acc[j] = 0.0f;
+}
+__device__ __forceinline__ void FlushShared(const float* acc, int64_t n, float* out) {
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) atomicAdd(out + j, acc[j]);
+}
+
+// Any layout: 2-byte accesses, x and dy read twice (the second time from
+// L1/L2). Aligned rows of up to 8192 elements take RmsNormBwdKernelVec.
 __global__ void RmsNormBwdKernel(int64_t rows, int64_t hidden, const uint16_t* x, int64_t xs,
                                  const uint16_t* __restrict__ w, const float* __restrict__ rstd, const uint16_t* dy,
                                  int64_t dys, uint16_t* dx, int64_t dxs, float* dweight) {
   __shared__ float scratch[32];
   extern __shared__ float dw_acc[];  // [hidden] when dweight != null
-  if (dweight != nullptr) {
-    for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) dw_acc[j] = 0.0f;
-  }
+  if (dweight != nullptr) ZeroShared(dw_acc, hidden);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const uint16_t* xr = x + r * xs;
     const uint16_t* gr = dy + r * dys;
@@ -85,10 +93,63 @@ __global__ void RmsNormBwdKernel(int64_t rows, int64_t hidden, const uint16_t* x
       dxr[j] = F32ToBf16(rs * gn - xv * c);
     }
   }
-  if (dweight != nullptr) {
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) atomicAdd(dweight + j, dw_acc[j]);
+  if (dweight != nullptr) FlushShared(dw_acc, hidden, dweight);
+}
+
+// The same in 16-byte accesses, each thread holding its kVecs 8-element
+// pieces of x and dy in registers between the two passes (rows of up to
+// kVecs * blockDim * 8 elements; hidden, strides and pointers 16-byte aligned).
+template <int kVecs>
+__global__ void RmsNormBwdKernelVec(int64_t rows, int64_t hidden, const uint16_t* x, int64_t xs,
+                                    const uint16_t* __restrict__ w, const float* __restrict__ rstd, const uint16_t* dy,
+                                    int64_t dys, uint16_t* dx, int64_t dxs, float* dweight) {
+  __shared__ float scratch[32];
+  extern __shared__ float dw_acc[];  // [hidden] when dweight != null
+  if (dweight != nullptr) ZeroShared(dw_acc, hidden);
+  Bf16x8 wv[kVecs];
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t j = (threadIdx.x + int64_t{v} * blockDim.x) * 8;
+    if (j < hidden) wv[v] = *reinterpret_cast<const Bf16x8*>(w + j);
   }
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const uint16_t* xr = x + r * xs;
+    const uint16_t* gr = dy + r * dys;
+    const float rs = rstd[r];
+    Bf16x8 xv[kVecs], gv[kVecs];
+    float dot = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t j = (threadIdx.x + int64_t{v} * blockDim.x) * 8;
+      if (j >= hidden) continue;
+      xv[v] = *reinterpret_cast<const Bf16x8*>(xr + j);
+      gv[v] = *reinterpret_cast<const Bf16x8*>(gr + j);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float gn = RoundBf16(Bf16ToF32(gv[v].v[k]) * Bf16ToF32(wv[v].v[k]));
+        dot += gn * Bf16ToF32(xv[v].v[k]);
+      }
+    }
+    dot = detail::BlockSum(dot, scratch);
+    const float c = rs * rs * rs * dot / static_cast<float>(hidden);
+    uint16_t* dxr = dx + r * dxs;
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t j = (threadIdx.x + int64_t{v} * blockDim.x) * 8;
+      if (j >= hidden) continue;
+      Bf16x8 o;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float xv_k = Bf16ToF32(xv[v].v[k]);
+        const float g = Bf16ToF32(gv[v].v[k]);
+        const float gn = RoundBf16(g * Bf16ToF32(wv[v].v[k]));
+        if (dweight != nullptr) dw_acc[j + k] += g * RoundBf16(xv_k * rs);
+        o.v[k] = F32ToBf16(rs * gn - xv_k * c);
+      }
+      *reinterpret_cast<Bf16x8*>(dxr + j) = o;
+    }
+  }
+  if (dweight != nullptr) FlushShared(dw_acc, hidden, dweight);
 }
 
 }  // namespace
@@ -129,15 +190,25 @@ Status RmsNormBackward(const RmsNormShape& shape, const uint16_t* x, int64_t x_s
     if (smem + 32 * sizeof(float) > static_cast<size_t>(max_smem)) {
       return InvalidArgument("rmsnorm backward: hidden too large for the dweight accumulator in shared memory");
     }
+  }
+  const bool vec = shape.hidden % 8 == 0 && x_stride % 8 == 0 && dy_stride % 8 == 0 && dx_stride % 8 == 0 &&
+                   detail::Aligned16(x) && detail::Aligned16(dy) && detail::Aligned16(dx) && detail::Aligned16(weight);
+  const int64_t per_pass = int64_t{kThreads} * 8;
+  // Distinct kernels with their own dynamic shared memory limits.
+  auto launch = [&](auto kernel) -> Status {
     if (smem > 48 * 1024) {
-      a = detail::CudaStatus(
-          cudaFuncSetAttribute(RmsNormBwdKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      Status a = detail::CudaStatus(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       if (!a.ok()) return a;
     }
-  }
-  RmsNormBwdKernel<<<grid, kThreads, smem, stream>>>(shape.rows, shape.hidden, x, x_stride, weight, rstd, dy,
-                                                     dy_stride, dx, dx_stride, dweight);
-  return detail::LaunchStatus();
+    kernel<<<grid, kThreads, smem, stream>>>(shape.rows, shape.hidden, x, x_stride, weight, rstd, dy, dy_stride, dx,
+                                             dx_stride, dweight);
+    return detail::LaunchStatus();
+  };
+  if (vec && shape.hidden <= per_pass) return launch(RmsNormBwdKernelVec<1>);
+  if (vec && shape.hidden <= 2 * per_pass) return launch(RmsNormBwdKernelVec<2>);
+  if (vec && shape.hidden <= 4 * per_pass) return launch(RmsNormBwdKernelVec<4>);
+  return launch(RmsNormBwdKernel);
 }
 
 }  // namespace tune::kernels

@@ -1,5 +1,6 @@
 // RoPE: one thread per (token, head, group of V rotation pairs); V = 8 (16-byte
-// accesses) when the head dim and every row start allow it, else 1.
+// accesses) when the head dim and every row start allow it, else 1. Index
+// arithmetic is 32-bit whenever the sizes allow.
 #include "kernels/reference/validate.h"
 #include "kernels/src/common.cuh"
 #include "tune/kernels/rope.h"
@@ -48,24 +49,27 @@ __device__ __forceinline__ void Store(uint16_t* p, const Vec<V>& r) {
 // torch's bf16 product: computed in fp32, stored as bf16.
 __device__ __forceinline__ float MulB(float a, float b) { return RoundBf16(a * b); }
 
-template <int V, bool kBackward>
+// Index: uint32_t when every item index fits (the usual case: 32-bit
+// division is several times cheaper than 64-bit, which dominated this
+// memory-bound kernel), else int64_t. Offsets are always 64-bit.
+template <int V, bool kBackward, typename Index>
 __global__ void RopeKernel(RopeShape shape, RopeTensor in, RopeTensor out, RopeTables t) {
-  const int64_t half = shape.head_dim / 2;
-  const int64_t groups = half / V;
-  const int64_t items = shape.batch * shape.seq * shape.heads * groups;
-  for (int64_t it = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; it < items;
-       it += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t i = (it % groups) * V;
-    int64_t rest = it / groups;
-    const int64_t hd = rest % shape.heads;
-    rest /= shape.heads;
-    const int64_t tt = rest % shape.seq;
-    const int64_t b = rest / shape.seq;
-    const uint16_t* xr = in.data + b * in.stride_b + tt * in.stride_t + hd * in.stride_h;
-    uint16_t* orow = out.data + b * out.stride_b + tt * out.stride_t + hd * out.stride_h;
+  const Index half = static_cast<Index>(shape.head_dim / 2);
+  const Index groups = half / V;
+  const Index heads = static_cast<Index>(shape.heads), seq = static_cast<Index>(shape.seq);
+  const Index items = static_cast<Index>(shape.batch) * seq * heads * groups;
+  for (Index it = blockIdx.x * Index{blockDim.x} + threadIdx.x; it < items; it += Index{gridDim.x} * blockDim.x) {
+    const Index pair = it / groups;  // (b, t, head)
+    const Index i = (it - pair * groups) * V;
+    const Index bt = pair / heads;
+    const Index hd = pair - bt * heads;
+    const Index b = bt / seq;
+    const Index tt = bt - b * seq;
+    const uint16_t* xr = in.data + int64_t{b} * in.stride_b + int64_t{tt} * in.stride_t + int64_t{hd} * in.stride_h;
+    uint16_t* orow = out.data + int64_t{b} * out.stride_b + int64_t{tt} * out.stride_t + int64_t{hd} * out.stride_h;
     int64_t table_off;
     if (t.position_ids != nullptr) {
-      const int64_t p = t.position_ids[b * shape.seq + tt];
+      const int64_t p = t.position_ids[int64_t{bt}];
       if (p < 0 || p >= t.table_rows) {
         Vec<V> nan;
 #pragma unroll
@@ -76,7 +80,7 @@ __global__ void RopeKernel(RopeShape shape, RopeTensor in, RopeTensor out, RopeT
       }
       table_off = p * t.stride_t;
     } else {
-      table_off = b * t.stride_b + tt * t.stride_t;
+      table_off = int64_t{b} * t.stride_b + int64_t{tt} * t.stride_t;
     }
     const Vec<V> x1 = Load<V>(xr + i), x2 = Load<V>(xr + i + half);
     const Vec<V> c1 = Load<V>(t.cos + table_off + i), c2 = Load<V>(t.cos + table_off + i + half);
@@ -114,12 +118,19 @@ Status Launch(const RopeShape& shape, const RopeTensor& in, const RopeTensor& ou
   if (!s.ok() || shape.batch == 0 || shape.seq == 0 || shape.heads == 0) return s;
   constexpr int kThreads = 256;
   const int64_t tokens_heads = shape.batch * shape.seq * shape.heads;
-  if (CanVectorize(shape, in, out, tables)) {
-    const int64_t items = tokens_heads * (shape.head_dim / 2 / 8);
-    RopeKernel<8, kBackward><<<detail::GridFor(items, kThreads), kThreads, 0, stream>>>(shape, in, out, tables);
+  const int v = CanVectorize(shape, in, out, tables) ? 8 : 1;
+  const int64_t items = tokens_heads * (shape.head_dim / 2 / v);
+  const int grid = detail::GridFor(items, kThreads);
+  // 32-bit indices when the loop's last increment cannot wrap.
+  const bool narrow = items + int64_t{grid} * kThreads < (int64_t{1} << 32);
+  if (v == 8 && narrow) {
+    RopeKernel<8, kBackward, uint32_t><<<grid, kThreads, 0, stream>>>(shape, in, out, tables);
+  } else if (v == 8) {
+    RopeKernel<8, kBackward, int64_t><<<grid, kThreads, 0, stream>>>(shape, in, out, tables);
+  } else if (narrow) {
+    RopeKernel<1, kBackward, uint32_t><<<grid, kThreads, 0, stream>>>(shape, in, out, tables);
   } else {
-    const int64_t items = tokens_heads * (shape.head_dim / 2);
-    RopeKernel<1, kBackward><<<detail::GridFor(items, kThreads), kThreads, 0, stream>>>(shape, in, out, tables);
+    RopeKernel<1, kBackward, int64_t><<<grid, kThreads, 0, stream>>>(shape, in, out, tables);
   }
   return detail::LaunchStatus();
 }

@@ -20,59 +20,70 @@ __device__ __forceinline__ void FwdElem(uint16_t g, uint16_t u, uint16_t* h) {
   *h = F32ToBf16(a * Bf16ToF32(u));
 }
 
-__device__ __forceinline__ void BwdElem(uint16_t g16, uint16_t u16, uint16_t d16, uint16_t* dg, uint16_t* du) {
+// h (when non-null) gets FwdElem's value from the same silu.
+__device__ __forceinline__ void BwdElem(uint16_t g16, uint16_t u16, uint16_t d16, uint16_t* dg, uint16_t* du,
+                                        uint16_t* h = nullptr) {
   const float g = Bf16ToF32(g16), u = Bf16ToF32(u16), d = Bf16ToF32(d16);
   const float s = 1.0f / (1.0f + expf(-g));
   const float a = RoundBf16(Silu(g));
   const float dsilu = RoundBf16(d * u);
   *du = F32ToBf16(d * a);
   *dg = F32ToBf16(dsilu * s * (1.0f + g * (1.0f - s)));
+  if (h != nullptr) *h = F32ToBf16(a * u);
 }
 
-template <int V>
-__global__ void SwiGluFwdKernel(int64_t rows, int64_t cols, const uint16_t* gate, int64_t gs, const uint16_t* up,
+// Index: uint32_t when the flat item count allows (32-bit division is several
+// times cheaper than 64-bit), else int64_t; offsets are 64-bit.
+template <int V, typename Index>
+__global__ void SwiGluFwdKernel(Index rows, Index cols, const uint16_t* gate, int64_t gs, const uint16_t* up,
                                 int64_t us, uint16_t* h, int64_t hs) {
-  const int64_t per_row = cols / V;
-  for (int64_t it = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; it < rows * per_row;
-       it += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t r = it / per_row, j = (it % per_row) * V;
+  const Index per_row = cols / V;
+  for (Index it = blockIdx.x * Index{blockDim.x} + threadIdx.x; it < rows * per_row;
+       it += Index{gridDim.x} * blockDim.x) {
+    const Index r = it / per_row;
+    const int64_t j = int64_t{it - r * per_row} * V, rr = r;
     if constexpr (V == 8) {
-      const Bf16x8 g = *reinterpret_cast<const Bf16x8*>(gate + r * gs + j);
-      const Bf16x8 u = *reinterpret_cast<const Bf16x8*>(up + r * us + j);
+      const Bf16x8 g = *reinterpret_cast<const Bf16x8*>(gate + rr * gs + j);
+      const Bf16x8 u = *reinterpret_cast<const Bf16x8*>(up + rr * us + j);
       Bf16x8 o;
 #pragma unroll
       for (int k = 0; k < 8; ++k) FwdElem(g.v[k], u.v[k], &o.v[k]);
-      *reinterpret_cast<Bf16x8*>(h + r * hs + j) = o;
+      *reinterpret_cast<Bf16x8*>(h + rr * hs + j) = o;
     } else {
-      FwdElem(gate[r * gs + j], up[r * us + j], &h[r * hs + j]);
+      FwdElem(gate[rr * gs + j], up[rr * us + j], &h[rr * hs + j]);
     }
   }
 }
 
-template <int V>
-__global__ void SwiGluBwdKernel(int64_t rows, int64_t cols, const uint16_t* gate, int64_t gs, const uint16_t* up,
+// kWithH: also writes the forward's h (the recompute a backward would
+// otherwise run first), from the same loads.
+template <int V, bool kWithH, typename Index>
+__global__ void SwiGluBwdKernel(Index rows, Index cols, const uint16_t* gate, int64_t gs, const uint16_t* up,
                                 int64_t us, const uint16_t* dh, int64_t dhs, uint16_t* dgate, int64_t dgs,
-                                uint16_t* dup, int64_t dus) {
-  const int64_t per_row = cols / V;
-  for (int64_t it = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; it < rows * per_row;
-       it += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t r = it / per_row, j = (it % per_row) * V;
+                                uint16_t* dup, int64_t dus, uint16_t* h, int64_t hs) {
+  const Index per_row = cols / V;
+  for (Index it = blockIdx.x * Index{blockDim.x} + threadIdx.x; it < rows * per_row;
+       it += Index{gridDim.x} * blockDim.x) {
+    const Index r = it / per_row;
+    const int64_t j = int64_t{it - r * per_row} * V, rr = r;
     if constexpr (V == 8) {
-      const Bf16x8 g = *reinterpret_cast<const Bf16x8*>(gate + r * gs + j);
-      const Bf16x8 u = *reinterpret_cast<const Bf16x8*>(up + r * us + j);
-      const Bf16x8 d = *reinterpret_cast<const Bf16x8*>(dh + r * dhs + j);
-      Bf16x8 og, ou;
+      const Bf16x8 g = *reinterpret_cast<const Bf16x8*>(gate + rr * gs + j);
+      const Bf16x8 u = *reinterpret_cast<const Bf16x8*>(up + rr * us + j);
+      const Bf16x8 d = *reinterpret_cast<const Bf16x8*>(dh + rr * dhs + j);
+      Bf16x8 og, ou, oh;
 #pragma unroll
-      for (int k = 0; k < 8; ++k) BwdElem(g.v[k], u.v[k], d.v[k], &og.v[k], &ou.v[k]);
-      *reinterpret_cast<Bf16x8*>(dgate + r * dgs + j) = og;
-      *reinterpret_cast<Bf16x8*>(dup + r * dus + j) = ou;
+      for (int k = 0; k < 8; ++k) BwdElem(g.v[k], u.v[k], d.v[k], &og.v[k], &ou.v[k], kWithH ? &oh.v[k] : nullptr);
+      *reinterpret_cast<Bf16x8*>(dgate + rr * dgs + j) = og;
+      *reinterpret_cast<Bf16x8*>(dup + rr * dus + j) = ou;
+      if constexpr (kWithH) *reinterpret_cast<Bf16x8*>(h + rr * hs + j) = oh;
     } else {
       // Read everything before writing: dgate/dup may alias gate/up.
-      const uint16_t g = gate[r * gs + j], u = up[r * us + j], d = dh[r * dhs + j];
-      uint16_t og, ou;
-      BwdElem(g, u, d, &og, &ou);
-      dgate[r * dgs + j] = og;
-      dup[r * dus + j] = ou;
+      const uint16_t g = gate[rr * gs + j], u = up[rr * us + j], d = dh[rr * dhs + j];
+      uint16_t og, ou, oh;
+      BwdElem(g, u, d, &og, &ou, kWithH ? &oh : nullptr);
+      if constexpr (kWithH) h[rr * hs + j] = oh;
+      dgate[rr * dgs + j] = og;
+      dup[rr * dus + j] = ou;
     }
   }
 }
@@ -81,20 +92,69 @@ bool RowsAligned(const void* p, int64_t stride) { return detail::Aligned16(p) &&
 
 constexpr int kThreads = 256;
 
+// 32-bit indices when the flat loop cannot wrap: items + one grid stride < 2^32.
+bool Narrow(int64_t items, int grid) { return items + int64_t{grid} * kThreads < (int64_t{1} << 32); }
+
+// The backward launch, with or without h.
+template <bool kWithH>
+Status LaunchBackward(const SwiGluShape& shape, const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                      int64_t up_stride, const uint16_t* dh, int64_t dh_stride, uint16_t* dgate, int64_t dgate_stride,
+                      uint16_t* dup, int64_t dup_stride, uint16_t* h, int64_t h_stride, cudaStream_t stream) {
+  const bool vec = shape.cols % 8 == 0 && RowsAligned(gate, gate_stride) && RowsAligned(up, up_stride) &&
+                   RowsAligned(dh, dh_stride) && RowsAligned(dgate, dgate_stride) && RowsAligned(dup, dup_stride) &&
+                   (!kWithH || RowsAligned(h, h_stride));
+  const int64_t items = shape.rows * shape.cols / (vec ? 8 : 1);
+  const int grid = detail::GridFor(items, kThreads);
+  auto run = [&](auto kernel, auto index) {
+    using Index = decltype(index);
+    kernel<<<grid, kThreads, 0, stream>>>(static_cast<Index>(shape.rows), static_cast<Index>(shape.cols), gate,
+                                          gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
+                                          dup_stride, h, h_stride);
+  };
+  if (vec && Narrow(items, grid)) {
+    run(SwiGluBwdKernel<8, kWithH, uint32_t>, uint32_t{});
+  } else if (vec) {
+    run(SwiGluBwdKernel<8, kWithH, int64_t>, int64_t{});
+  } else if (Narrow(items, grid)) {
+    run(SwiGluBwdKernel<1, kWithH, uint32_t>, uint32_t{});
+  } else {
+    run(SwiGluBwdKernel<1, kWithH, int64_t>, int64_t{});
+  }
+  return detail::LaunchStatus();
+}
+
+Status ValidateBackward(const SwiGluShape& shape, const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                        int64_t up_stride, const uint16_t* dh, int64_t dh_stride, const uint16_t* dgate,
+                        int64_t dgate_stride, const uint16_t* dup, int64_t dup_stride) {
+  Status s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, dh, dh_stride);
+  if (s.ok()) s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, dgate, dgate_stride);
+  if (s.ok()) s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, dup, dup_stride);
+  return s;
+}
+
 }  // namespace
 
 Status SwiGluForward(const SwiGluShape& shape, const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
                      int64_t up_stride, uint16_t* h, int64_t h_stride, cudaStream_t stream) {
   Status s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, h, h_stride);
   if (!s.ok() || shape.rows == 0 || shape.cols == 0) return s;
-  const int64_t n = shape.rows * shape.cols;
-  if (shape.cols % 8 == 0 && RowsAligned(gate, gate_stride) && RowsAligned(up, up_stride) &&
-      RowsAligned(h, h_stride)) {
-    SwiGluFwdKernel<8><<<detail::GridFor(n / 8, kThreads), kThreads, 0, stream>>>(
-        shape.rows, shape.cols, gate, gate_stride, up, up_stride, h, h_stride);
+  const bool vec = shape.cols % 8 == 0 && RowsAligned(gate, gate_stride) && RowsAligned(up, up_stride) &&
+                   RowsAligned(h, h_stride);
+  const int64_t items = shape.rows * shape.cols / (vec ? 8 : 1);
+  const int grid = detail::GridFor(items, kThreads);
+  auto run = [&](auto kernel, auto index) {
+    using Index = decltype(index);
+    kernel<<<grid, kThreads, 0, stream>>>(static_cast<Index>(shape.rows), static_cast<Index>(shape.cols), gate,
+                                          gate_stride, up, up_stride, h, h_stride);
+  };
+  if (vec && Narrow(items, grid)) {
+    run(SwiGluFwdKernel<8, uint32_t>, uint32_t{});
+  } else if (vec) {
+    run(SwiGluFwdKernel<8, int64_t>, int64_t{});
+  } else if (Narrow(items, grid)) {
+    run(SwiGluFwdKernel<1, uint32_t>, uint32_t{});
   } else {
-    SwiGluFwdKernel<1><<<detail::GridFor(n, kThreads), kThreads, 0, stream>>>(shape.rows, shape.cols, gate,
-                                                                              gate_stride, up, up_stride, h, h_stride);
+    run(SwiGluFwdKernel<1, int64_t>, int64_t{});
   }
   return detail::LaunchStatus();
 }
@@ -102,22 +162,27 @@ Status SwiGluForward(const SwiGluShape& shape, const uint16_t* gate, int64_t gat
 Status SwiGluBackward(const SwiGluShape& shape, const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
                       int64_t up_stride, const uint16_t* dh, int64_t dh_stride, uint16_t* dgate, int64_t dgate_stride,
                       uint16_t* dup, int64_t dup_stride, cudaStream_t stream) {
-  Status s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, dh, dh_stride);
-  if (s.ok()) s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, dgate, dgate_stride);
-  if (s.ok()) s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, dup, dup_stride);
+  Status s = ValidateBackward(shape, gate, gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
+                              dup_stride);
   if (!s.ok() || shape.rows == 0 || shape.cols == 0) return s;
-  const int64_t n = shape.rows * shape.cols;
-  if (shape.cols % 8 == 0 && RowsAligned(gate, gate_stride) && RowsAligned(up, up_stride) &&
-      RowsAligned(dh, dh_stride) && RowsAligned(dgate, dgate_stride) && RowsAligned(dup, dup_stride)) {
-    SwiGluBwdKernel<8><<<detail::GridFor(n / 8, kThreads), kThreads, 0, stream>>>(
-        shape.rows, shape.cols, gate, gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
-        dup_stride);
-  } else {
-    SwiGluBwdKernel<1><<<detail::GridFor(n, kThreads), kThreads, 0, stream>>>(
-        shape.rows, shape.cols, gate, gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
-        dup_stride);
+  return LaunchBackward<false>(shape, gate, gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
+                               dup_stride, nullptr, 0, stream);
+}
+
+Status SwiGluBackwardWithForward(const SwiGluShape& shape, const uint16_t* gate, int64_t gate_stride,
+                                 const uint16_t* up, int64_t up_stride, const uint16_t* dh, int64_t dh_stride,
+                                 uint16_t* dgate, int64_t dgate_stride, uint16_t* dup, int64_t dup_stride, uint16_t* h,
+                                 int64_t h_stride, cudaStream_t stream) {
+  Status s = ValidateBackward(shape, gate, gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
+                              dup_stride);
+  if (s.ok()) s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, h, h_stride);
+  if (s.ok() && shape.rows > 0 && shape.cols > 0 &&
+      (h == gate || h == up || h == dgate || h == dup || h == dh)) {
+    return InvalidArgument("swiglu backward with forward: h must not alias gate, up, dh, dgate or dup");
   }
-  return detail::LaunchStatus();
+  if (!s.ok() || shape.rows == 0 || shape.cols == 0) return s;
+  return LaunchBackward<true>(shape, gate, gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
+                              dup_stride, h, h_stride, stream);
 }
 
 }  // namespace tune::kernels

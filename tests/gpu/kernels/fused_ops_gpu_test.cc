@@ -14,7 +14,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -77,6 +80,15 @@ TEST_F(FusedOpsGpuTest, OpsMatchTorchPath) {
   auto [y_t, dx_t] = run_norm(false);
   EXPECT_LT(RelErr(y_f, y_t), 1.6e-2);
   EXPECT_LT(RelErr(dx_f, dx_t), 1.6e-2);
+  // An output gradient whose rows are spaced wider than the hidden size (the
+  // folded gate/up's dx is a column view of [dx | g B]) is read in place.
+  torch::Tensor wide_dy = torch::randn({21, 4097 + 31}, kBf16);
+  dy = wide_dy.narrow(1, 0, 4097).view({3, 7, 4097});
+  ASSERT_FALSE(dy.is_contiguous());
+  auto [ys_f, dxs_f] = run_norm(true);
+  auto [ys_t, dxs_t] = run_norm(false);
+  EXPECT_LT(RelErr(dxs_f, dxs_t), 1.6e-2);
+  EXPECT_TRUE(torch::equal(dxs_f, (run_norm(true).second)));  // deterministic
 
   // RoPE on a transposed projection view, forward bit-identical, backward too.
   torch::Tensor proj = torch::randn({2, 9, 4, 64}, kBf16);
@@ -131,7 +143,9 @@ TEST_F(FusedOpsGpuTest, OpsMatchTorchPath) {
   EXPECT_LT(RelErr(dh_f, dh_t), 2e-2);
 }
 
-TEST_F(FusedOpsGpuTest, TinyModelLossAndLoraGradsMatchTorchPath) {
+// The tiny preset with random bf16 weights, NF4 base and LoRA (r 8) on every
+// linear with nonzero B, on the GPU.
+std::shared_ptr<LlamaForCausalLM> TinyNf4Model() {
   LlamaConfig c = PresetConfig("tiny");
   torch::manual_seed(3);
   auto get = [&](const std::string& name) -> torch::Tensor {
@@ -153,15 +167,51 @@ TEST_F(FusedOpsGpuTest, TinyModelLossAndLoraGradsMatchTorchPath) {
   o.lora.r = 8;
   o.lora.targets = LinearModuleNames();
   auto m = LlamaForCausalLM::FromTensors(c, get, o);
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& [n, p] : m->LoraParameters()) {
-      if (n.find("lora_B") != std::string::npos) p.normal_(0, 0.05);  // B = 0 would zero A's grads
-    }
+  torch::NoGradGuard no_grad;
+  for (auto& [n, p] : m->LoraParameters()) {
+    if (n.find("lora_B") != std::string::npos) p.normal_(0, 0.05);  // B = 0 would zero A's grads
   }
-  torch::Tensor ids = torch::randint(0, c.vocab_size, {2, 48}, torch::kInt64);
-  torch::Tensor pos = torch::arange(48, torch::kInt64).repeat({2, 1});
-  torch::Tensor labels = torch::roll(ids, -1, 1);
+  return m;
+}
+
+// Names of the ops (aten) and CUDA kernels `fn` ran, with their counts.
+std::map<std::string, int> EventsRun(const std::function<void()>& fn) {
+  namespace kp = torch::autograd::profiler;
+  namespace pi = torch::profiler::impl;
+  const pi::ProfilerConfig config(pi::ProfilerState::KINETO, false, false);
+  const std::set<pi::ActivityType> both{pi::ActivityType::CPU, pi::ActivityType::CUDA};
+  kp::prepareProfiler(config, both);
+  kp::enableProfiler(config, both);
+  fn();
+  torch::cuda::synchronize();
+  const std::unique_ptr<kp::ProfilerResult> result = kp::disableProfiler();
+  std::map<std::string, int> names;
+  for (const auto& e : result->events()) ++names[e.name()];
+  return names;
+}
+
+// A batch of two rows of T random tokens: ids, positions, next-token labels.
+struct TinyBatch {
+  torch::Tensor ids, pos, labels;
+  TinyBatch(const LlamaConfig& c, int64_t T)
+      : ids(torch::randint(0, c.vocab_size, {2, T}, torch::kInt64)),
+        pos(torch::arange(T, torch::kInt64).repeat({2, 1})),
+        labels(torch::roll(ids, -1, 1)) {}
+};
+
+int CountContaining(const std::map<std::string, int>& names, const std::string& part) {
+  int n = 0;
+  for (const auto& [name, count] : names) {
+    if (name.find(part) != std::string::npos) n += count;
+  }
+  return n;
+}
+
+TEST_F(FusedOpsGpuTest, TinyModelLossAndLoraGradsMatchTorchPath) {
+  LlamaConfig c = PresetConfig("tiny");
+  auto m = TinyNf4Model();
+  TinyBatch b(c, 48);
+  torch::Tensor &ids = b.ids, &pos = b.pos, &labels = b.labels;
   labels.index_put_({torch::indexing::Slice(), torch::indexing::Slice(0, 6)}, -100);
   auto run = [&](bool fused) {
     std::unique_ptr<TorchPathScope> scope = fused ? nullptr : std::make_unique<TorchPathScope>();
@@ -172,16 +222,57 @@ TEST_F(FusedOpsGpuTest, TinyModelLossAndLoraGradsMatchTorchPath) {
     for (auto& [n, p] : m->LoraParameters()) grads.push_back(p.grad().clone());
     return std::make_pair(loss.item<double>(), grads);
   };
-  auto [loss_f, g_f] = run(true);
-  auto [loss_t, g_t] = run(false);
-  std::printf("tiny model loss: fused %.6f, torch %.6f\n", loss_f, loss_t);
-  EXPECT_NEAR(loss_f, loss_t, 2e-3 * std::abs(loss_t));
-  auto names = m->LoraParameters();
-  for (size_t i = 0; i < g_f.size(); ++i) {
-    // bf16 activations: per-op differences of an ulp compound through two
-    // layers; 5% of each gradient's scale still catches any wrong formula.
-    EXPECT_LT(RelErr(g_f[i], g_t[i]), 5e-2) << names[i].first;
+  // NF4 base: the fused path folds gate/up's LoRA B into the dequantised
+  // weight; with checkpointing the recompute keeps that wide weight for its
+  // backward. Each mode against the torch path.
+  for (const char* mode : {"off", "on", "selective"}) {
+    SCOPED_TRACE(std::string("checkpointing ") + mode);
+    m->SetGradientCheckpointing(std::string(mode) != "off");
+    m->SetSelectiveRecompute(std::string(mode) == "selective");
+    auto [loss_f, g_f] = run(true);
+    auto [loss_t, g_t] = run(false);
+    std::printf("tiny model loss (checkpointing %s): fused %.6f, torch %.6f\n", mode, loss_f, loss_t);
+    EXPECT_NEAR(loss_f, loss_t, 2e-3 * std::abs(loss_t));
+    auto names = m->LoraParameters();
+    for (size_t i = 0; i < g_f.size(); ++i) {
+      // bf16 activations: per-op differences of an ulp compound through two
+      // layers; 5% of each gradient's scale still catches any wrong formula.
+      EXPECT_LT(RelErr(g_f[i], g_t[i]), 5e-2) << names[i].first;
+    }
   }
+}
+
+// The kernel path really folds LoRA into the NF4 weights (gate/up's B beside
+// W in forward, down's A below W in backward: one GEMM each instead of a base
+// GEMM plus a LoRA addmm_), and the MLP node's backward writes the SwiGLU
+// activation from its backward kernel instead of recomputing it.
+TEST_F(FusedOpsGpuTest, FoldedLoraAndSwiGluBackwardWithForwardRun) {
+  LlamaConfig c = PresetConfig("tiny");
+  auto m = TinyNf4Model();
+  TinyBatch b(c, 40);
+  auto step = [&] { m->LossSum(m->ForwardHidden(b.ids, b.pos), b.labels, 29).backward(); };
+  m->SetGradientCheckpointing(false);
+  const auto fused = EventsRun(step);
+  std::map<std::string, int> torch_path;
+  {
+    TorchPathScope scope;
+    torch_path = EventsRun(step);
+  }
+  const int layers = c.num_hidden_layers;
+  std::printf("aten::addmm_ calls: kernel path %d, torch path %d\n", CountContaining(fused, "aten::addmm_"),
+              CountContaining(torch_path, "aten::addmm_"));
+  // Per layer, in the tiny shapes: the LoRA adds of q/k/v (128 rows > 64
+  // inputs) and gate/up (384 > 64) in forward and down's dx add (192 inputs >
+  // 64 rows) in backward.
+  EXPECT_EQ(CountContaining(fused, "aten::addmm_"), CountContaining(torch_path, "aten::addmm_") - 3 * layers);
+  m->SetGradientCheckpointing(true);
+  const auto node = EventsRun(step);
+  // The MLP node's backward: one SwiGLU backward kernel that also writes the
+  // activation per layer, and the only SwiGLU forwards are the forward pass's.
+  EXPECT_EQ(CountContaining(node, "SwiGluBwdKernel<8, true"), layers);
+  EXPECT_EQ(CountContaining(node, "SwiGluBwdKernel<8, false"), 0);
+  EXPECT_EQ(CountContaining(node, "SwiGluFwdKernel"), layers);
+  m->SetGradientCheckpointing(false);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/reference/reference.h"
@@ -131,6 +132,7 @@ struct Nf4Case {
   int64_t numel, block_size;
   bool double_quant;
   int64_t out_offset;  // elements; 1 makes the output unaligned
+  int64_t row_len = 0, out_stride = 0;  // set: rows of row_len at out_stride (Nf4DequantizeBf16Rows)
 };
 
 void RunNf4(const Nf4Case& c) {
@@ -151,7 +153,10 @@ void RunNf4(const Nf4Case& c) {
 
   DeviceBuffer<uint8_t> d_packed(packed), d_aq(aq);
   DeviceBuffer<float> d_absmax(absmax), d_scale(scale), d_offset(offset), d_map(map);
-  DeviceBuffer<uint16_t> d_out(c.numel + c.out_offset);
+  const bool rows = c.row_len > 0;
+  const int64_t span = rows ? c.numel / c.row_len * c.out_stride : c.numel;  // elements the output covers
+  constexpr uint16_t kSentinel = 0xabcd;  // never a dequantised value here (a negative bf16 below -1e-12)
+  DeviceBuffer<uint16_t> d_out(std::vector<uint16_t>(span + c.out_offset, kSentinel));
   Nf4View q, hq;
   q.numel = hq.numel = c.numel;
   q.block_size = hq.block_size = c.block_size;
@@ -166,19 +171,37 @@ void RunNf4(const Nf4Case& c) {
     q.absmax = d_absmax.get();
     hq.absmax = absmax.data();
   }
-  ASSERT_KOK(Nf4DequantizeBf16(q, d_out.get() + c.out_offset, nullptr));
+  if (rows) {
+    ASSERT_KOK(Nf4DequantizeBf16Rows(q, c.row_len, d_out.get() + c.out_offset, c.out_stride, nullptr));
+  } else {
+    ASSERT_KOK(Nf4DequantizeBf16(q, d_out.get() + c.out_offset, nullptr));
+  }
   ASSERT_CUDA(cudaDeviceSynchronize());
   std::vector<uint16_t> want(c.numel);
   ASSERT_KOK(ref::Nf4DequantizeBf16(hq, want.data()));
+  if (rows) {  // the reference's own rows variant places the same values
+    std::vector<uint16_t> want_rows(span, kSentinel);
+    ASSERT_KOK(ref::Nf4DequantizeBf16Rows(hq, c.row_len, want_rows.data(), c.out_stride));
+    for (int64_t i = 0; i < c.numel; ++i) ASSERT_EQ(want_rows[i / c.row_len * c.out_stride + i % c.row_len], want[i]);
+  }
   const std::vector<uint16_t> got_all = d_out.Download();
+  auto at = [&](int64_t i) { return rows ? i / c.row_len * c.out_stride + i % c.row_len : i; };
   // Bit-identical (tolerance 0): the same fp32 roundings, then round-to-nearest-even.
   int bad = 0;
   for (int64_t i = 0; i < c.numel; ++i) {
-    if (got_all[c.out_offset + i] != want[i] && ++bad <= 5) {
-      ADD_FAILURE() << "element " << i << ": got 0x" << std::hex << got_all[c.out_offset + i] << " want 0x" << want[i];
+    const uint16_t got = got_all[c.out_offset + at(i)];
+    if (got != want[i] && ++bad <= 5) {
+      ADD_FAILURE() << "element " << i << ": got 0x" << std::hex << got << " want 0x" << want[i];
     }
   }
   EXPECT_EQ(bad, 0);
+  // Nothing outside the rows is written (the LoRA columns of a folded weight).
+  for (int64_t i = 0; i < c.out_offset; ++i) EXPECT_EQ(got_all[i], kSentinel);
+  for (int64_t e = 0; rows && e < span; ++e) {
+    if (e % c.out_stride >= c.row_len) {
+      ASSERT_EQ(got_all[c.out_offset + e], kSentinel) << e;
+    }
+  }
 }
 
 TEST(KernelsGpuTest, Nf4DequantIsBitIdenticalToReference) {
@@ -190,6 +213,13 @@ TEST(KernelsGpuTest, Nf4DequantIsBitIdenticalToReference) {
     RunNf4({999, 2, dq, 0});       // tiny blocks: many double-quant blocks
     RunNf4({5000, 48, dq, 0});     // block % 16 == 0 but not a power of two
     RunNf4({5003, 30, dq, 0});     // block % 16 != 0
+    // Rows spaced wider than their length: 16-byte path (row_len % 16 == 0,
+    // stride % 8 == 0), then per-element paths (odd row, odd stride, unaligned).
+    RunNf4({96 * 7, 64, dq, 0, 96, 96 + 32});
+    RunNf4({4096 * 3, 64, dq, 0, 4096, 4096 + 48});
+    RunNf4({40 * 9, 64, dq, 0, 40, 45});
+    RunNf4({64 * 5, 64, dq, 0, 64, 67});
+    RunNf4({64 * 5, 64, dq, 1, 64, 80});
   }
 }
 
@@ -210,6 +240,13 @@ TEST(KernelsGpuTest, Nf4DequantPerf) {
   const double ms = TimeMs([&] { Nf4DequantizeBf16(q, out.get(), nullptr); });
   ASSERT_CUDA(cudaGetLastError());
   ReportBandwidth("nf4 dequant 4096x14336 (double quant) -> bf16", numel / 2.0 + numel * 2.0 + nb, ms);
+  // The folded gate/up weight's layout: rows of 4096 in a [rows, 4096 + 32] buffer.
+  const int64_t in = 4096;
+  DeviceBuffer<uint16_t> wide(numel / in * (in + 32));
+  const double wide_ms = TimeMs([&] { Nf4DequantizeBf16Rows(q, in, wide.get(), in + 32, nullptr); });
+  ASSERT_CUDA(cudaGetLastError());
+  ReportBandwidth("nf4 dequant 14336x4096 into rows of 4128 (folded LoRA layout)", numel / 2.0 + numel * 2.0 + nb,
+                  wide_ms);
 }
 
 // ------------------------------------------------------------------- RMSNorm
@@ -250,6 +287,13 @@ TEST(KernelsGpuTest, RmsNormMatchesReference) {
   }
   RunRmsNorm(5, 1000, 1003, true);  // strided rows (scalar path)
   RunRmsNorm(5, 1024, 1032, false);  // strided, 16-byte aligned rows (vector path)
+  // Backward's register-held vector path at 1, 2 and 4 pieces per thread,
+  // with rows that do not fill the last piece round, and the scalar path
+  // past its 8192-element limit.
+  RunRmsNorm(4, 2056, 2056, true);
+  RunRmsNorm(3, 8192, 8200, true);
+  RunRmsNorm(7, 6152, 6152, false);
+  RunRmsNorm(2, 8200, 8200, true);
 }
 
 TEST(KernelsGpuTest, RmsNormPerf) {
@@ -359,6 +403,19 @@ void RunSwiGlu(int64_t rows, int64_t cols, int64_t pad) {
   const auto got = d_dfused.Download();
   ExpectBf16Near(got, dfused, RowPositions(rows, cols, fs), 2.0, 1e-6, "swiglu dgate");
   ExpectBf16Near(got, dfused, RowPositions(rows, cols, fs, cols), 2.0, 1e-6, "swiglu dup");
+  // The backward that also writes h: the same bits as the two kernels apart,
+  // in place over gate/up as the trainer runs it.
+  DeviceBuffer<uint16_t> d_fused2(fused), d_h2(rows * cols);
+  ASSERT_KOK(SwiGluBackwardWithForward(shape, d_fused2.get(), fs, d_fused2.get() + cols, fs, d_dh.get(), cols,
+                                       d_fused2.get(), fs, d_fused2.get() + cols, fs, d_h2.get(), cols, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  EXPECT_EQ(d_h2.Download(), d_h.Download());
+  const auto got2 = d_fused2.Download();
+  for (int64_t p : RowPositions(rows, 2 * cols, fs)) ASSERT_EQ(got2[p], got[p]) << p;
+  EXPECT_EQ(SwiGluBackwardWithForward(shape, d_fused2.get(), fs, d_fused2.get() + cols, fs, d_dh.get(), cols,
+                                      d_dfused.get(), fs, d_dfused.get() + cols, fs, d_fused2.get(), fs, nullptr)
+                .code,
+            StatusCode::kInvalidArgument);
 }
 
 TEST(KernelsGpuTest, SwiGluMatchesReference) {
@@ -382,6 +439,12 @@ TEST(KernelsGpuTest, SwiGluPerf) {
                    fused.get() + cols, 2 * cols, nullptr);
   };
   ReportBandwidth("swiglu bwd 16384x14336 (in place)", 5.0 * rows * cols * 2, TimeMs(bwd));
+  DeviceBuffer<uint16_t> h_out(rows * cols);
+  auto bwd_with_h = [&] {
+    SwiGluBackwardWithForward(shape, fused.get(), 2 * cols, fused.get() + cols, 2 * cols, h.get(), cols, fused.get(),
+                              2 * cols, fused.get() + cols, 2 * cols, h_out.get(), cols, nullptr);
+  };
+  ReportBandwidth("swiglu bwd + h 16384x14336 (in place)", 6.0 * rows * cols * 2, TimeMs(bwd_with_h));
   ASSERT_CUDA(cudaGetLastError());
 }
 
@@ -435,6 +498,56 @@ void RunLinearCe(int64_t rows, int64_t hidden, int64_t vocab, int64_t chunk) {
     if (labels[r] != kIgnoreIndex) continue;
     for (int64_t k = 0; k < hidden; ++k) ASSERT_EQ(Bf16ToFloat(got_dh[r * hidden + k]), 0.0f) << r;
   }
+  // The training path: the forward writes the unit-scale gradient (the same
+  // bits as backward with grad_scale 1), which is scaled afterwards; the loss
+  // is the plain forward's, bit for bit.
+  const std::vector<float> one = {1.0f};
+  DeviceBuffer<float> d_one(one), d_lse2(rows), d_loss2(rows), d_sum2(1);
+  DeviceBuffer<uint16_t> d_unit(rows * hidden), d_unit_bwd(rows * hidden), d_scaled(rows * hidden);
+  ASSERT_KOK(LinearCrossEntropyForwardWithGrad(a, d_lse2.get(), d_loss2.get(), d_sum2.get(), d_unit.get(), hidden,
+                                               nullptr));
+  ASSERT_KOK(LinearCrossEntropyBackward(a, d_lse.get(), d_one.get(), d_unit_bwd.get(), hidden, nullptr));
+  ASSERT_KOK(ScaleBf16Rows(d_unit.get(), hidden, d_scaled.get(), hidden, rows, hidden, d_scale.get(), nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  EXPECT_EQ(d_loss2.Download(), got_loss);
+  EXPECT_EQ(d_lse2.Download(), got_lse);
+  EXPECT_EQ(d_sum2.Download(), d_sum.Download());
+  const auto unit = d_unit.Download();
+  EXPECT_EQ(unit, d_unit_bwd.Download());
+  std::vector<uint16_t> scaled(rows * hidden);
+  ASSERT_KOK(ref::ScaleBf16Rows(unit.data(), hidden, scaled.data(), hidden, rows, hidden, scale.data()));
+  EXPECT_EQ(d_scaled.Download(), scaled);
+  // Two roundings instead of one: within 1 ulp plus the dlogits' own
+  // rounding (2% of the largest gradient) of the one-pass backward.
+  ExpectBf16Near(scaled, dh, RowPositions(rows, hidden, hidden), 1.0, 2e-2 * max_ref, "linear ce scaled dhidden");
+}
+
+TEST(KernelsGpuTest, ScaleBf16RowsMatchesReference) {
+  // Odd widths (scalar path), strided rows, in place, and the 8-wide path.
+  for (const auto& [rows, cols, src_stride, dst_stride] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{{7, 13, 13, 13}, {5, 13, 21, 17}, {33, 4096, 4104, 4096},
+                                                                   {3, 8, 8, 8}}) {
+    SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
+    const auto src = RandomBf16(rows * src_stride, 7);
+    const std::vector<float> scale = {-0.0131f};
+    DeviceBuffer<uint16_t> d_src(src), d_dst(rows * dst_stride);
+    DeviceBuffer<float> d_scale(scale);
+    ASSERT_KOK(ScaleBf16Rows(d_src.get(), src_stride, d_dst.get(), dst_stride, rows, cols, d_scale.get(), nullptr));
+    std::vector<uint16_t> want(rows * dst_stride);
+    ASSERT_KOK(ref::ScaleBf16Rows(src.data(), src_stride, want.data(), dst_stride, rows, cols, scale.data()));
+    const auto got = d_dst.Download();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(got[r * dst_stride + c], want[r * dst_stride + c]) << r << "," << c;
+    }
+    if (src_stride == dst_stride) {  // in place gives the same
+      ASSERT_KOK(ScaleBf16Rows(d_src.get(), src_stride, d_src.get(), src_stride, rows, cols, d_scale.get(), nullptr));
+      const auto in_place = d_src.Download();
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(in_place[r * src_stride + c], want[r * dst_stride + c]);
+      }
+    }
+  }
+  EXPECT_EQ(ScaleBf16Rows(nullptr, 4, nullptr, 4, 1, 4, nullptr, nullptr).code, StatusCode::kInvalidArgument);
 }
 
 TEST(KernelsGpuTest, LinearCrossEntropyMatchesReference) {
@@ -462,6 +575,15 @@ TEST(KernelsGpuTest, LinearCrossEntropyPerf) {
   ReportFlops("linear+CE fwd 16384x4096 @ 128256 (chunk 4096)", flops, fwd);
   const double bwd = TimeMs([&] { LinearCrossEntropyBackward(a, lse.get(), scale.get(), dh.get(), hidden, nullptr); }, 5);
   ReportFlops("linear+CE bwd (recompute + dhidden GEMMs)", 2 * flops, bwd);
+  // Training's path: forward with the gradient (two GEMMs), then the scale.
+  const double fwd_grad = TimeMs(
+      [&] { LinearCrossEntropyForwardWithGrad(a, lse.get(), loss.get(), sum.get(), dh.get(), hidden, nullptr); }, 5);
+  ReportFlops("linear+CE fwd with dhidden (logits + dhidden GEMMs)", 2 * flops, fwd_grad);
+  const double scale_ms =
+      TimeMs([&] { ScaleBf16Rows(dh.get(), hidden, dh.get(), hidden, rows, hidden, scale.get(), nullptr); }, 5);
+  ReportBandwidth("linear+CE gradient scale 16384x4096 (in place)", 2.0 * rows * hidden * 2, scale_ms);
+  std::printf("[perf] linear+CE per step: forward + backward %.2f ms, forward with grad + scale %.2f ms\n", fwd + bwd,
+              fwd_grad + scale_ms);
   const float step0 = sum.Download()[0] / rows;
   std::printf("[perf] linear+CE mean loss %.4f (ln 128256 = %.4f for near-uniform logits)\n", step0,
               std::log(128256.0));

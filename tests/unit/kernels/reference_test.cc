@@ -66,6 +66,33 @@ TEST(Nf4RefTest, DequantisesHighNibbleFirstWithPartialBlock) {
   EXPECT_EQ(Bf16ToFloat(out[4]), 0.5f);  // code 15 of the second block
 }
 
+TEST(Nf4RefTest, RowsLandAtTheirStrideAndLeaveTheGapAlone) {
+  const uint8_t packed[3] = {0x0f, 0x78, 0xf0};
+  const float absmax[2] = {2.0f, 0.5f};
+  Nf4View q;
+  q.packed = packed;
+  q.numel = 6;
+  q.block_size = 4;
+  q.absmax = absmax;
+  std::vector<uint16_t> flat(6), wide(3 * 5, 0xffff);
+  ASSERT_TRUE(Nf4DequantizeBf16(q, flat.data()).ok());
+  ASSERT_TRUE(Nf4DequantizeBf16Rows(q, 2, wide.data(), 5).ok());  // 3 rows of 2 at stride 5
+  for (int r = 0; r < 3; ++r) {
+    for (int c = 0; c < 5; ++c) {
+      if (c < 2) {
+        EXPECT_EQ(wide[r * 5 + c], flat[r * 2 + c]) << r << "," << c;
+      } else {
+        EXPECT_EQ(wide[r * 5 + c], 0xffff) << r << "," << c;
+      }
+    }
+  }
+  Status s = Nf4DequantizeBf16Rows(q, 4, wide.data(), 5);
+  EXPECT_EQ(s.code, StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message).find("row_len"), std::string::npos);
+  s = Nf4DequantizeBf16Rows(q, 3, wide.data(), 2);
+  EXPECT_NE(std::string(s.message).find("out_stride"), std::string::npos);
+}
+
 TEST(Nf4RefTest, DoubleQuantAbsmaxIsCodeTimesScalePlusOffset) {
   // 600 blocks of 2 values: three double-quant blocks of 256 (the last partial).
   const int64_t nb = 600;
@@ -285,6 +312,48 @@ TEST(LinearCrossEntropyRefTest, KnownLossIgnoreIndexAndGradient) {
   Status s = LinearCrossEntropyForward(a, lse.data(), loss.data(), &sum);
   EXPECT_EQ(s.code, StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(s.message).find("hidden_dim"), std::string::npos);
+}
+
+TEST(LinearCrossEntropyRefTest, ForwardWithGradIsForwardPlusUnitBackwardAndScalesAfter) {
+  const std::vector<uint16_t> w = {FloatToBf16(0.0f), FloatToBf16(1.0f), FloatToBf16(2.0f),
+                                   FloatToBf16(-1.0f), FloatToBf16(0.5f), FloatToBf16(0.25f)};
+  const std::vector<uint16_t> h = {FloatToBf16(1.0f), FloatToBf16(-1.0f), FloatToBf16(0.5f), FloatToBf16(2.0f)};
+  const std::vector<int64_t> labels = {2, kIgnoreIndex};
+  LinearCrossEntropyArgs a;
+  a.hidden = h.data();
+  a.hidden_stride = 2;
+  a.weight = w.data();
+  a.weight_stride = 2;
+  a.labels = labels.data();
+  a.rows = 2;
+  a.hidden_dim = 2;
+  a.vocab = 3;
+  std::vector<float> lse(2), loss(2), lse2(2), loss2(2);
+  float sum = 0, sum2 = 0;
+  std::vector<uint16_t> unit(4), unit_bwd(4), scaled(4);
+  ASSERT_TRUE(LinearCrossEntropyForwardWithGrad(a, lse.data(), loss.data(), &sum, unit.data(), 2).ok());
+  ASSERT_TRUE(LinearCrossEntropyForward(a, lse2.data(), loss2.data(), &sum2).ok());
+  EXPECT_EQ(loss, loss2);
+  EXPECT_EQ(sum, sum2);
+  const float one = 1.0f, g = 0.37f;
+  ASSERT_TRUE(LinearCrossEntropyBackward(a, lse2.data(), &one, unit_bwd.data(), 2).ok());
+  EXPECT_EQ(unit, unit_bwd);
+  EXPECT_NE(Bf16ToFloat(unit[0]), 0.0f);
+  EXPECT_EQ(Bf16ToFloat(unit[2]), 0.0f);  // the ignored row
+  ASSERT_TRUE(ScaleBf16Rows(unit.data(), 2, scaled.data(), 2, 2, 2, &g).ok());
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(scaled[i], FloatToBf16(Bf16ToFloat(unit[i]) * g)) << i;
+  // In place, and strided rows (only the first `cols` of each row are written).
+  std::vector<uint16_t> wide = {FloatToBf16(1.5f), FloatToBf16(-3.0f), 7, FloatToBf16(0.25f), FloatToBf16(8.0f), 9};
+  ASSERT_TRUE(ScaleBf16Rows(wide.data(), 3, wide.data(), 3, 2, 2, &g).ok());
+  EXPECT_EQ(wide[0], FloatToBf16(1.5f * g));
+  EXPECT_EQ(wide[4], FloatToBf16(8.0f * g));
+  EXPECT_EQ(wide[2], 7);
+  EXPECT_EQ(wide[5], 9);
+  Status s = ScaleBf16Rows(wide.data(), 3, wide.data(), 2, 2, 2, &g);
+  EXPECT_EQ(s.code, StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message).find("same row stride"), std::string::npos);
+  s = ScaleBf16Rows(wide.data(), 1, scaled.data(), 2, 2, 2, &g);
+  EXPECT_NE(std::string(s.message).find("row strides"), std::string::npos);
 }
 
 }  // namespace

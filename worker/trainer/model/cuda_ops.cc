@@ -55,19 +55,20 @@ void Check(const k::Status& s, const char* op) {
 
 class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor weight, double eps) {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor weight, double eps,
+                               int64_t spare_cols) {
     c10::cuda::CUDAGuard guard(x.device());
     const int64_t H = x.size(-1);
     torch::Tensor x2 = x.contiguous().view({-1, H});
     torch::Tensor w = weight.contiguous();
-    torch::Tensor y = torch::empty_like(x2);
+    torch::Tensor y = torch::empty({x2.size(0), H + spare_cols}, x2.options());
     torch::Tensor rstd = torch::empty({x2.size(0)}, x.options().dtype(torch::kFloat32));
-    Check(k::RmsNormForward({x2.size(0), H, static_cast<float>(eps)}, Bf16(x2), H, Bf16(w), Bf16Mut(y), H,
+    Check(k::RmsNormForward({x2.size(0), H, static_cast<float>(eps)}, Bf16(x2), H, Bf16(w), Bf16Mut(y), y.stride(0),
                             rstd.data_ptr<float>(), Stream(x)),
           "rmsnorm forward");
     ctx->save_for_backward({x2, w, rstd});
     ctx->saved_data["eps"] = eps;
-    return y.view(x.sizes());
+    return y.narrow(1, 0, H).view(x.sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
@@ -75,15 +76,19 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     const torch::Tensor &x2 = saved[0], &w = saved[1], &rstd = saved[2];
     c10::cuda::CUDAGuard guard(x2.device());
     const int64_t H = x2.size(1);
-    torch::Tensor dy = grad[0].to(torch::kBFloat16).contiguous().view({-1, H});
+    // Rows spaced wider than H (a column view, e.g. a folded projection's
+    // dx) are read in place.
+    torch::Tensor dy = grad[0].to(torch::kBFloat16).reshape({-1, H});
+    if (dy.stride(1) != 1 || dy.stride(0) < H) dy = dy.contiguous();
     torch::Tensor dx = torch::empty_like(x2);
     torch::Tensor dw;  // only when the norm weight is trainable
     if (ctx->needs_input_grad(1)) dw = torch::zeros({H}, x2.options().dtype(torch::kFloat32));
     const float eps = static_cast<float>(ctx->saved_data["eps"].toDouble());
-    Check(k::RmsNormBackward({x2.size(0), H, eps}, Bf16(x2), H, Bf16(w), rstd.data_ptr<float>(), Bf16(dy), H,
+    Check(k::RmsNormBackward({x2.size(0), H, eps}, Bf16(x2), H, Bf16(w), rstd.data_ptr<float>(), Bf16(dy), dy.stride(0),
                              Bf16Mut(dx), H, dw.defined() ? dw.data_ptr<float>() : nullptr, Stream(x2)),
           "rmsnorm backward");
-    return {dx.view(grad[0].sizes()), dw.defined() ? dw.to(w.scalar_type()) : torch::Tensor(), torch::Tensor()};
+    return {dx.view(grad[0].sizes()), dw.defined() ? dw.to(w.scalar_type()) : torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
   }
 };
 
@@ -204,10 +209,14 @@ k::LinearCrossEntropyArgs CeArgs(const torch::Tensor& h, const torch::Tensor& w,
   return a;
 }
 
+// With `grad_in_forward` (training: the loss is always differentiated) the
+// forward also writes d(loss)/d hidden at unit scale from the logits it has
+// at hand, and backward only multiplies it by the upstream gradient: one
+// [rows, V] GEMM per step less than recomputing the logits in backward.
 class LinearCeFn : public torch::autograd::Function<LinearCeFn> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor hidden, torch::Tensor weight, torch::Tensor labels,
-                               int64_t chunk) {
+                               int64_t chunk, bool grad_in_forward) {
     c10::cuda::CUDAGuard guard(hidden.device());
     torch::Tensor h = hidden.contiguous(), w = weight.contiguous(), y = labels.contiguous();
     const int64_t n = h.size(0);
@@ -216,6 +225,15 @@ class LinearCeFn : public torch::autograd::Function<LinearCeFn> {
     torch::Tensor lse = torch::empty({n}, h.options().dtype(torch::kFloat32));
     torch::Tensor row_loss = torch::empty_like(lse);
     torch::Tensor loss = torch::empty({}, lse.options());
+    if (grad_in_forward) {
+      torch::Tensor dh = torch::empty_like(h);
+      Check(k::LinearCrossEntropyForwardWithGrad(CeArgs(h, w, y, scratch), lse.data_ptr<float>(),
+                                                 row_loss.data_ptr<float>(), loss.data_ptr<float>(), Bf16Mut(dh),
+                                                 dh.stride(0), Stream(h)),
+            "linear cross-entropy forward");
+      ctx->saved_data["dh"] = dh;  // an intermediate, not an input: not a saved variable
+      return loss;
+    }
     Check(k::LinearCrossEntropyForward(CeArgs(h, w, y, scratch), lse.data_ptr<float>(), row_loss.data_ptr<float>(),
                                        loss.data_ptr<float>(), Stream(h)),
           "linear cross-entropy forward");
@@ -225,6 +243,16 @@ class LinearCeFn : public torch::autograd::Function<LinearCeFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    if (ctx->saved_data.count("dh") > 0) {
+      const torch::Tensor unit = ctx->saved_data["dh"].toTensor();
+      c10::cuda::CUDAGuard guard(unit.device());
+      torch::Tensor g = grad[0].to(unit.device(), torch::kFloat32).contiguous();
+      torch::Tensor dh = torch::empty_like(unit);  // out of place: backward may run again (retain_graph)
+      Check(k::ScaleBf16Rows(Bf16(unit), unit.stride(0), Bf16Mut(dh), dh.stride(0), unit.size(0), unit.size(1),
+                             g.data_ptr<float>(), Stream(unit)),
+            "linear cross-entropy gradient scale");
+      return {dh, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    }
     variable_list saved = ctx->get_saved_variables();
     const torch::Tensor &h = saved[0], &w = saved[1], &y = saved[2], &lse = saved[3];
     c10::cuda::CUDAGuard guard(h.device());
@@ -236,7 +264,7 @@ class LinearCeFn : public torch::autograd::Function<LinearCeFn> {
     Check(k::LinearCrossEntropyBackward(CeArgs(h, w, y, scratch), lse.data_ptr<float>(), g.data_ptr<float>(),
                                         Bf16Mut(dh), dh.stride(0), Stream(h)),
           "linear cross-entropy backward");
-    return {dh, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dh, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -256,12 +284,31 @@ const torch::Tensor& DeviceDynamicMap(torch::Device device) {
 
 }  // namespace
 
-torch::Tensor TryRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+torch::Tensor TryRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t spare_cols) {
   if (!Enabled() || !IsCudaBf16(x) || !IsCudaBf16(weight) || weight.dim() != 1 || x.dim() < 1 ||
-      weight.size(0) != x.size(-1) || weight.device() != x.device() || x.numel() == 0) {
+      weight.size(0) != x.size(-1) || weight.device() != x.device() || x.numel() == 0 || spare_cols < 0) {
     return {};
   }
-  return RmsNormFn::apply(x, weight, eps);
+  return RmsNormFn::apply(x, weight, eps, spare_cols);
+}
+
+void CopyRows(const torch::Tensor& dst, const torch::Tensor& src) {
+  TORCH_CHECK(dst.dim() == 2 && dst.sizes() == src.sizes() && dst.scalar_type() == src.scalar_type(),
+              "CopyRows: dst and src must be 2-D tensors of one shape and dtype");
+  const int64_t rows = dst.size(0), cols = dst.size(1);
+  const bool rows_ok = dst.is_cuda() && src.device() == dst.device() && dst.stride(1) == 1 && src.stride(1) == 1 &&
+                       (rows == 1 || (dst.stride(0) >= cols && src.stride(0) >= cols));
+  if (!rows_ok || rows == 0 || cols == 0) {
+    dst.copy_(src);
+    return;
+  }
+  c10::cuda::CUDAGuard guard(dst.device());
+  const size_t elem = dst.element_size();
+  const size_t dpitch = static_cast<size_t>(rows == 1 ? cols : dst.stride(0)) * elem;
+  const size_t spitch = static_cast<size_t>(rows == 1 ? cols : src.stride(0)) * elem;
+  TORCH_CHECK(cudaMemcpy2DAsync(dst.data_ptr(), dpitch, src.data_ptr(), spitch, static_cast<size_t>(cols) * elem,
+                                static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, Stream(dst)) == cudaSuccess,
+              "CopyRows: cudaMemcpy2DAsync failed");
 }
 
 torch::Tensor TryApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
@@ -284,7 +331,8 @@ torch::Tensor TryLinearCrossEntropySum(const torch::Tensor& hidden, const torch:
       weight.device() != hidden.device() || labels.device() != hidden.device() || chunk_tokens <= 0) {
     return {};
   }
-  return LinearCeFn::apply(hidden, weight, labels, chunk_tokens);
+  const bool grad_in_forward = torch::GradMode::is_enabled() && hidden.requires_grad();
+  return LinearCeFn::apply(hidden, weight, labels, chunk_tokens, grad_in_forward);
 }
 
 torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up) {
@@ -295,6 +343,51 @@ torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up) {
   return torch::silu(gate) * up;
 }
 
+namespace {
+
+// The kernel's view of q (device copies of its absmax tensors kept alive in
+// `keep` until the launch is queued).
+k::Nf4View KernelView(const nf4::Nf4Tensor& q, std::vector<torch::Tensor>* keep) {
+  k::Nf4View v;
+  v.packed = q.packed.data_ptr<uint8_t>();
+  v.numel = q.numel;
+  v.block_size = q.block_size;
+  if (q.double_quant()) {
+    keep->push_back(q.absmax_q.contiguous());
+    keep->push_back(q.absmax_scale.to(torch::kFloat32).contiguous());
+    keep->push_back(q.absmax_offset.to(torch::kFloat32).contiguous());
+    v.absmax_q = (*keep)[0].data_ptr<uint8_t>();
+    v.absmax_scale = (*keep)[1].data_ptr<float>();
+    v.absmax_offset = (*keep)[2].data_ptr<float>();
+    v.dynamic_map = DeviceDynamicMap(q.device()).data_ptr<float>();
+  } else {
+    keep->push_back(q.absmax.to(torch::kFloat32).contiguous());
+    v.absmax = (*keep)[0].data_ptr<float>();
+  }
+  return v;
+}
+
+}  // namespace
+
+bool SwiGluBackwardWithForwardApplies(const torch::Tensor& t) { return Enabled() && IsCudaBf16(t); }
+
+std::pair<torch::Tensor, torch::Tensor> SwiGluHalvesBackwardWithForward(const torch::Tensor& gu,
+                                                                        const torch::Tensor& dh, bool in_place) {
+  TORCH_CHECK(IsCudaBf16(gu) && IsCudaBf16(dh) && gu.dim() == 2 && dh.dim() == 2 && gu.size(0) == dh.size(0) &&
+                  gu.size(1) == 2 * dh.size(1) && gu.stride(1) == 1 && gu.device() == dh.device(),
+              "swiglu backward with forward: gu must be CUDA bf16 [N, 2I] with contiguous rows, dh [N, I]");
+  c10::cuda::CUDAGuard guard(gu.device());
+  const int64_t n = gu.size(0), i = dh.size(1);
+  torch::Tensor d = Rows(dh);
+  torch::Tensor dgu = in_place ? gu : torch::empty({n, 2 * i}, gu.options());
+  torch::Tensor h = torch::empty({n, i}, gu.options());
+  Check(k::SwiGluBackwardWithForward({n, i}, Bf16(gu), gu.stride(0), Bf16(gu) + i, gu.stride(0), Bf16(d), d.stride(0),
+                                     Bf16Mut(dgu), dgu.stride(0), Bf16Mut(dgu) + i, dgu.stride(0), Bf16Mut(h), i,
+                                     Stream(gu)),
+        "swiglu backward with forward");
+  return {dgu, h};
+}
+
 torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor& q, const torch::Tensor& scratch) {
   TORCH_CHECK(q.packed.defined() && q.packed.is_cuda(), "nf4 dequantize: the NF4 tensor must be on a CUDA device");
   TORCH_CHECK(IsCudaBf16(scratch) && scratch.is_contiguous() && scratch.device() == q.device(),
@@ -302,30 +395,33 @@ torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor& q, const torch::Tensor& sc
   TORCH_CHECK(scratch.numel() >= q.numel, "nf4 dequantize: scratch holds ", scratch.numel(),
               " elements; the weight needs ", q.numel, " (allocate the largest weight's size)");
   c10::cuda::CUDAGuard guard(q.device());
-  k::Nf4View v;
-  v.packed = q.packed.data_ptr<uint8_t>();
-  v.numel = q.numel;
-  v.block_size = q.block_size;
-  torch::Tensor absmax, aq, scale, offset;
-  if (q.double_quant()) {
-    aq = q.absmax_q.contiguous();
-    scale = q.absmax_scale.to(torch::kFloat32).contiguous();
-    offset = q.absmax_offset.to(torch::kFloat32).contiguous();
-    v.absmax_q = aq.data_ptr<uint8_t>();
-    v.absmax_scale = scale.data_ptr<float>();
-    v.absmax_offset = offset.data_ptr<float>();
-    v.dynamic_map = DeviceDynamicMap(q.device()).data_ptr<float>();
-  } else {
-    absmax = q.absmax.to(torch::kFloat32).contiguous();
-    v.absmax = absmax.data_ptr<float>();
-  }
-  Check(k::Nf4DequantizeBf16(v, Bf16Mut(scratch), Stream(scratch)), "nf4 dequantize");
+  std::vector<torch::Tensor> keep;
+  Check(k::Nf4DequantizeBf16(KernelView(q, &keep), Bf16Mut(scratch), Stream(scratch)), "nf4 dequantize");
   return scratch.view({-1}).narrow(0, 0, q.numel).view(q.shape);
+}
+
+void Nf4DequantizeIntoRows(const nf4::Nf4Tensor& q, const torch::Tensor& out) {
+  TORCH_CHECK(q.packed.defined() && q.packed.is_cuda(), "nf4 dequantize: the NF4 tensor must be on a CUDA device");
+  TORCH_CHECK(q.shape.size() == 2 && IsCudaBf16(out) && out.device() == q.device() && out.dim() == 2 &&
+                  out.size(0) == q.shape[0] && out.size(1) == q.shape[1] && out.stride(1) == 1 &&
+                  out.stride(0) >= out.size(1),
+              "nf4 dequantize: out must be a bf16 [", q.shape, "] view with contiguous rows on the weight's device");
+  c10::cuda::CUDAGuard guard(q.device());
+  std::vector<torch::Tensor> keep;
+  Check(k::Nf4DequantizeBf16Rows(KernelView(q, &keep), q.shape[1], Bf16Mut(out), out.stride(0), Stream(out)),
+        "nf4 dequantize");
 }
 
 #else  // !TUNE_HAVE_FUSED_KERNELS: every fused path declines.
 
-torch::Tensor TryRmsNorm(const torch::Tensor&, const torch::Tensor&, double) { return {}; }
+torch::Tensor TryRmsNorm(const torch::Tensor&, const torch::Tensor&, double, int64_t) { return {}; }
+void CopyRows(const torch::Tensor& dst, const torch::Tensor& src) { dst.copy_(src); }
+bool SwiGluBackwardWithForwardApplies(const torch::Tensor&) { return false; }
+std::pair<torch::Tensor, torch::Tensor> SwiGluHalvesBackwardWithForward(const torch::Tensor&, const torch::Tensor&,
+                                                                        bool) {
+  TORCH_CHECK(false, "swiglu backward with forward: this tune-train was built without the CUDA kernels");
+  return {};
+}
 torch::Tensor TryApplyRope(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&) { return {}; }
 torch::Tensor TryLinearCrossEntropySum(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t) {
   return {};
@@ -336,6 +432,7 @@ torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor&, const torch::Tensor&) {
                      "and nvcc; see TUNE_WITH_CUDA)");
   return {};
 }
+void Nf4DequantizeIntoRows(const nf4::Nf4Tensor& q, const torch::Tensor& out) { Nf4DequantizeInto(q, out); }
 
 #endif  // TUNE_HAVE_FUSED_KERNELS
 

@@ -26,15 +26,20 @@ bool Compiled();
 // (read on every call, so a process can A/B both paths).
 bool Enabled();
 
-// ops::RmsNorm: x [..., H] bf16 CUDA, weight bf16 [H].
-torch::Tensor TryRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+// ops::RmsNorm: x [..., H] bf16 CUDA, weight bf16 [H]. With spare_cols > 0
+// the result is a view whose rows sit spare_cols apart more than H, in one
+// [rows, H + spare_cols] buffer (the spare columns are not written).
+torch::Tensor TryRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t spare_cols = 0);
 // ops::ApplyRope: x [B, heads, T, d] (any strides, e.g. a transposed
 // [B, T, heads, d] projection), cos/sin [B or 1, T, d] bf16 (no grad).
 // The result has x's shape in [B, T, heads, d] storage.
 torch::Tensor TryApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 // ChunkedCrossEntropySum's core: hidden [N, H] bf16 rows that are all
 // supervised, weight [V, H] bf16 not requiring grad, labels int64 [N] in
-// [0, V). Returns the fp32 loss sum; gradient flows to hidden only.
+// [0, V). Returns the fp32 loss sum; gradient flows to hidden only. In grad
+// mode with hidden requiring grad, the gradient is computed in the forward
+// (from the logits at hand) and backward only scales it: [N, H] bf16 held
+// from forward to backward instead of hidden itself.
 torch::Tensor TryLinearCrossEntropySum(const torch::Tensor& hidden, const torch::Tensor& weight,
                                        const torch::Tensor& labels, int64_t chunk_tokens);
 
@@ -48,12 +53,30 @@ torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up);
 // concatenation.
 torch::Tensor SwiGluHalves(const torch::Tensor& gu);
 
+// Whether SwiGluHalvesBackwardWithForward runs for tensors like t (the
+// kernels are on and t is CUDA bf16).
+bool SwiGluBackwardWithForwardApplies(const torch::Tensor& t);
+// Without autograd, for gu [N, 2I] (a fused gate/up output, no longer needed)
+// and dh [N, I]: {d gu, swiglu(gu)} from one kernel that reads gu once. With
+// in_place the gradient overwrites gu. Needs SwiGluBackwardWithForwardApplies.
+std::pair<torch::Tensor, torch::Tensor> SwiGluHalvesBackwardWithForward(const torch::Tensor& gu,
+                                                                        const torch::Tensor& dh, bool in_place);
+
 // Dequantises q into `scratch` (bf16, contiguous, on q's CUDA device, at least
 // q.numel elements; reused across weights so no per-call allocation happens)
 // and returns a view of it with q.shape. Bit-identical to
 // nf4::Dequantize(q, kBFloat16). Throws c10::Error when the kernels are not
 // compiled in or the arguments do not fit.
 torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor& q, const torch::Tensor& scratch);
+
+// dst.copy_(src) for 2-D tensors of one dtype and shape; CUDA tensors whose
+// rows are contiguous (either may have rows spaced wider) are copied as one
+// 2-D memcpy, which torch's strided copy kernel is several times slower at.
+void CopyRows(const torch::Tensor& dst, const torch::Tensor& src);
+// The same into out, a bf16 [rows, cols] view of q's 2-D shape whose rows may
+// be spaced wider than cols (out.stride(1) == 1), e.g. the first cols columns
+// of a [rows, cols + r] buffer; the other columns are not touched.
+void Nf4DequantizeIntoRows(const nf4::Nf4Tensor& q, const torch::Tensor& out);
 
 }  // namespace tune::model::cuda_ops
 

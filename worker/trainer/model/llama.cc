@@ -65,6 +65,10 @@ struct FrozenPart {
 struct FrozenWeight : torch::CustomClassHolder {
   std::vector<FrozenPart> parts;
   int64_t in = 0;
+  // On the CUDA kernel path, NF4 weights carry their LoRA factor in the dense
+  // copy: those with out > in (q/k/v, gate/up) B as extra columns (Folds),
+  // those with in > out (down) A as extra rows for backward (FoldsRows).
+  bool fold_lora = false, fold_lora_rows = false;
   mutable torch::Tensor kept;  // see t_keep_dense
 
   torch::Tensor Get(torch::ScalarType dtype) const {
@@ -98,6 +102,54 @@ struct FrozenWeight : torch::CustomClassHolder {
     return Get(dtype);
   }
   bool quantized() const { return parts[0].nf4.has_value(); }
+
+  // Whether a matmul of x with LoRA A `a` folds B into the weight: y = [x | s x
+  // A^T] [W | B]^T is one GEMM, with no read-modify-write of the [N, out]
+  // output for the LoRA term (out > in makes that cost more than copying x
+  // into the wider input, when x has no spare columns), and backward's
+  // g [W | B] gives g B with dx.
+  bool Folds(const torch::Tensor& x, const torch::Tensor& a) const {
+    return fold_lora && a.numel() > 0 && x.is_cuda() && x.scalar_type() == torch::kBFloat16 && cuda_ops::Enabled();
+  }
+  // [W | b] for a folding weight: each NF4 part dequantised into the first
+  // `in` columns of its rows, b [Rows(), r] copied into the last r.
+  torch::Tensor GetFolded(const torch::Tensor& b) const {
+    torch::Tensor out = torch::empty({Rows(), in + b.size(1)}, b.options());
+    int64_t r = 0;
+    for (const FrozenPart& p : parts) {
+      cuda_ops::Nf4DequantizeIntoRows(*p.nf4, out.narrow(0, r, p.rows).narrow(1, 0, in));
+      r += p.rows;
+    }
+    out.narrow(1, in, b.size(1)).copy_(b);
+    return out;
+  }
+  // Whether backward's dx = g W + (s g B) A runs as one GEMM, [g | s g B]
+  // [W; A]: copying g [N, out] into the wider input costs less than a
+  // read-modify-write of dx [N, in] when in > out.
+  bool FoldsRows(const torch::Tensor& g, const torch::Tensor& a) const {
+    return fold_lora_rows && a.numel() > 0 && g.is_cuda() && g.scalar_type() == torch::kBFloat16 &&
+           cuda_ops::Enabled();
+  }
+  // [W; a] for a row-folding weight: W dequantised into the first Rows()
+  // rows, a [r, in] copied into the last r.
+  torch::Tensor GetRowFolded(const torch::Tensor& a) const {
+    torch::Tensor out = torch::empty({Rows() + a.size(0), in}, a.options());
+    int64_t r = 0;
+    for (const FrozenPart& p : parts) {
+      cuda_ops::Nf4DequantizeIntoRows(*p.nf4, out.narrow(0, r, p.rows));
+      r += p.rows;
+    }
+    out.narrow(0, r, a.size(0)).copy_(a);
+    return out;
+  }
+  torch::Tensor TakeFolded(const torch::Tensor& b) const {
+    if (kept.defined() && kept.size(1) == in + b.size(1) && kept.scalar_type() == b.scalar_type()) {
+      torch::Tensor t = std::move(kept);
+      kept = torch::Tensor();
+      return t;
+    }
+    return GetFolded(b);
+  }
   int64_t Rows() const {
     int64_t rows = 0;
     for (const FrozenPart& p : parts) rows += p.rows;
@@ -147,13 +199,48 @@ std::pair<torch::Tensor, torch::Tensor> StackLora(const std::vector<std::pair<to
   return {torch::cat(as), torch::block_diag(bs)};
 }
 
-// y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x without autograd; also
-// returns xa = s x A^T (undefined without LoRA), which dB needs. The LoRA term
-// and the residual are accumulated by the GEMMs themselves (addmm), so no
-// [N, out] temporary is written, scaled or added. a/b/residual may be empty.
-std::pair<torch::Tensor, torch::Tensor> LoraLinearForward(const torch::Tensor& x, const torch::Tensor& a,
-                                                          const torch::Tensor& b, const torch::Tensor& residual,
-                                                          const FrozenWeight& w, double scaling) {
+struct LoraLinearOut {
+  torch::Tensor y;
+  torch::Tensor xa;  // s x A^T, undefined without LoRA: dB needs it
+  torch::Tensor x;   // x's values for dA: x, or its copy in the folded input
+};
+
+// Whether 2-D x's rows are followed by `cols` columns of its own buffer
+// (ops::RmsNorm's spare_cols), so that [x | those columns] is one tensor.
+bool HasSpareColumns(const torch::Tensor& x, int64_t cols) {
+  if (x.dim() != 2 || x.stride(1) != 1 || x.stride(0) != x.size(1) + cols || x.size(0) == 0) return false;
+  const int64_t last = x.storage_offset() + (x.size(0) - 1) * x.stride(0) + x.size(1) + cols;
+  return static_cast<int64_t>(x.storage().nbytes()) >= last * static_cast<int64_t>(x.element_size());
+}
+
+// y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x without autograd. The
+// LoRA term and the residual are accumulated by the GEMMs themselves (addmm),
+// or B is folded into the weight (FrozenWeight::Folds), so no [N, out]
+// temporary is written, scaled or added. a/b/residual may be empty.
+// `x_spare`: the caller made x with spare columns for the folded input
+// (ops::RmsNorm's spare_cols) and x has no other reader, so they are written.
+LoraLinearOut LoraLinearForward(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
+                                const torch::Tensor& residual, const FrozenWeight& w, double scaling,
+                                bool x_spare = false) {
+  if (w.Folds(x, a)) {
+    // [x | s x A^T] against [W | B]: xa is written straight into its columns,
+    // beside x itself when it has room, else beside a copy.
+    const int64_t in = x.size(1), r = a.size(0);
+    torch::Tensor xc;
+    if (x_spare && HasSpareColumns(x, r)) {
+      xc = x.as_strided({x.size(0), in + r}, {in + r, 1});
+    } else {
+      xc = torch::empty({x.size(0), in + r}, x.options());
+      cuda_ops::CopyRows(xc.narrow(1, 0, in), x);
+    }
+    torch::Tensor xa = xc.narrow(1, in, r);
+    at::mm_out(xa, x, a.t());
+    if (scaling != 1.0) xa.mul_(scaling);
+    torch::Tensor wide = w.GetFolded(b);
+    if (t_keep_dense) w.kept = wide;
+    torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, xc, wide.t()) : xc.mm(wide.t());
+    return {y, xa, xc.narrow(1, 0, in)};  // x itself need not outlive this call
+  }
   torch::Tensor dense = w.Get(x.scalar_type());
   if (t_keep_dense && w.quantized()) w.kept = dense;
   torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
@@ -162,7 +249,7 @@ std::pair<torch::Tensor, torch::Tensor> LoraLinearForward(const torch::Tensor& x
     xa = ScaledLoraInput(x, a, scaling);
     y.addmm_(xa, b.t());
   }
-  return {y, xa};
+  return {y, xa, x};
 }
 
 struct LoraLinearGrads {
@@ -176,6 +263,32 @@ LoraLinearGrads LoraLinearBackward(const torch::Tensor& g, const torch::Tensor& 
                                    const torch::Tensor& b, const torch::Tensor& xa, const FrozenWeight& w,
                                    double scaling, bool need_dx, bool need_da, bool need_db) {
   LoraLinearGrads r;
+  if (need_dx && w.Folds(g, a)) {
+    // [dx | g B] = g [W | B]; dxa is copied out (a few columns) so dx's
+    // addmm_ does not read the buffer it writes.
+    torch::Tensor full = g.mm(w.TakeFolded(b));
+    w.kept = torch::Tensor();  // a copy kept in another layout is not needed either
+    r.dx = full.narrow(1, 0, w.in);
+    torch::Tensor gb = full.narrow(1, w.in, a.size(0));
+    torch::Tensor dxa = scaling != 1.0 ? gb.mul(scaling) : gb.contiguous();
+    if (need_db) r.db = g.t().mm(xa);
+    if (need_da) r.da = dxa.t().mm(x);
+    r.dx.addmm_(dxa, a);
+    return r;
+  }
+  if (need_dx && w.FoldsRows(g, a)) {
+    const int64_t out = w.Rows(), rank = a.size(0);
+    torch::Tensor gc = torch::empty({g.size(0), out + rank}, g.options());
+    cuda_ops::CopyRows(gc.narrow(1, 0, out), g);
+    torch::Tensor dxa = gc.narrow(1, out, rank);
+    at::mm_out(dxa, g, b);
+    if (scaling != 1.0) dxa.mul_(scaling);
+    if (need_db) r.db = g.t().mm(xa);
+    if (need_da) r.da = dxa.t().mm(x);
+    w.kept = torch::Tensor();  // the recompute's copy lacks A's rows
+    r.dx = gc.mm(w.GetRowFolded(a));
+    return r;
+  }
   if (need_dx) r.dx = g.mm(w.Take(g.scalar_type()));
   if (a.numel() > 0) {
     torch::Tensor dxa = g.mm(b);
@@ -199,19 +312,20 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor a, torch::Tensor b,
                                torch::Tensor residual, c10::intrusive_ptr<FrozenWeight> w, double scaling,
-                               bool root_only) {
-    torch::Tensor y, xa;
+                               bool root_only, bool x_spare) {
+    LoraLinearOut out;
     if (root_only) {
-      if (a.numel() > 0) xa = ScaledLoraInput(x, a, scaling);
-      y = torch::empty({x.size(0), w->Rows()}, x.options());
+      if (a.numel() > 0) out.xa = ScaledLoraInput(x, a, scaling);
+      out.y = torch::empty({x.size(0), w->Rows()}, x.options());
+      out.x = x;
     } else {
-      std::tie(y, xa) = LoraLinearForward(x, a, b, residual, *w, scaling);
+      out = LoraLinearForward(x, a, b, residual, *w, scaling, x_spare);
     }
     const bool lora = a.numel() > 0;
-    ctx->save_for_backward({lora ? x : a, a, b, lora ? xa : a});
+    ctx->save_for_backward({lora ? out.x : a, a, b, lora ? out.xa : a});
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
     ctx->saved_data["scaling"] = scaling;
-    return y;
+    return out.y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
@@ -222,7 +336,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                            ctx->saved_data["scaling"].toDouble(), ctx->needs_input_grad(0),
                                            ctx->needs_input_grad(1), ctx->needs_input_grad(2));
     torch::Tensor dres = ctx->needs_input_grad(3) ? grad_out[0] : torch::Tensor();
-    return {r.dx, r.da, r.db, dres, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {r.dx, r.da, r.db, dres, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -238,18 +352,28 @@ struct MlpWeights : torch::CustomClassHolder {
   bool root_only = false;  // see MlpFunction
   bool keep_dense = true;  // backward keeps gate/up's dequantised copy for their own backward (not with offload)
 
-  // swiglu(gate(n), up(n)) with n = rmsnorm(r): autograd ops, so in backward
-  // (grad mode on) they form the graph MlpFunction differentiates.
+  // gate_up(n) with n = rmsnorm(r), [N, 2I], for a fused gate/up: autograd
+  // ops, so in backward (grad mode on) they form the graph MlpFunction
+  // differentiates.
+  torch::Tensor GateUp(const torch::Tensor& r, const torch::Tensor& ag, const torch::Tensor& bg,
+                       const torch::Tensor& au, const torch::Tensor& bu) const {
+    const torch::Tensor absent = Absent(r);
+    // A folding gate/up reads n with its LoRA input beside it: n's rows get
+    // the spare columns (n has no other reader).
+    const int64_t spare = gate_up->fold_lora && ag.numel() > 0 ? ag.size(0) + au.size(0) : 0;
+    torch::Tensor n = ops::RmsNorm(r, norm, eps, spare);
+    auto [a, b] = ag.numel() > 0 ? StackLora({{ag, bg}, {au, bu}}) : std::make_pair(absent, absent);
+    return LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate, false, spare > 0);
+  }
+
+  // swiglu(gate(n), up(n)) with n = rmsnorm(r), as autograd ops (see GateUp).
   torch::Tensor Activation(const torch::Tensor& r, const torch::Tensor& ag, const torch::Tensor& bg,
                            const torch::Tensor& au, const torch::Tensor& bu) const {
+    if (gate_up) return cuda_ops::SwiGluHalves(GateUp(r, ag, bg, au, bu));
     const torch::Tensor absent = Absent(r);
     torch::Tensor n = ops::RmsNorm(r, norm, eps);
-    if (gate_up) {
-      auto [a, b] = ag.numel() > 0 ? StackLora({{ag, bg}, {au, bu}}) : std::make_pair(absent, absent);
-      return cuda_ops::SwiGluHalves(LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate, false));
-    }
-    torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate, false);
-    torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up, false);
+    torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate, false, false);
+    torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up, false, false);
     return cuda_ops::SwiGlu(g, u);
   }
 };
@@ -277,7 +401,7 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
     torch::Tensor y;
     for (int64_t s = 0; s < n; s += w->chunk) {
       torch::Tensor rc = r.slice(0, s, std::min(n, s + w->chunk));
-      torch::Tensor yc = LoraLinearForward(w->Activation(rc, ag, bg, au, bu), ad, bd, rc, *w->down, w->s_down).first;
+      torch::Tensor yc = LoraLinearForward(w->Activation(rc, ag, bg, au, bu), ad, bd, rc, *w->down, w->s_down).y;
       if (rc.size(0) == n) return yc;
       if (!y.defined()) y = torch::empty_like(r);
       y.slice(0, s, s + rc.size(0)).copy_(yc);
@@ -317,32 +441,64 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
       const int64_t e = std::min(n, s + w.chunk);
       torch::Tensor rc = r.slice(0, s, e).detach().requires_grad_(need_r);
       torch::Tensor dyc = dy.slice(0, s, e);
-      torch::Tensor act;
-      {
-        torch::AutoGradMode enable(true);
-        KeepDenseScope keep(w.keep_dense);  // gate/up's backward follows within this chunk
-        act = w.Activation(rc, leaves[0], leaves[1], leaves[2], leaves[3]);
-      }
-      torch::Tensor xa = ad.numel() > 0 ? ScaledLoraInput(act.detach(), ad, w.s_down) : torch::Tensor();
-      LoraLinearGrads down = LoraLinearBackward(dyc, act.detach(), ad, bd, xa, *w.down, w.s_down, true,
-                                                ctx->needs_input_grad(5), ctx->needs_input_grad(6));
-      accumulate(5, down.da);
-      accumulate(6, down.db);
       std::vector<torch::Tensor> inputs;
       if (need_r) inputs.push_back(rc);
       for (int i : slot) inputs.push_back(leaves[i - 1]);
-      if (inputs.empty() || !act.requires_grad()) {
+      // What to differentiate (root) and with which gradient (droot).
+      torch::Tensor root, droot;
+      LoraLinearGrads down;
+      if (w.gate_up && !inputs.empty() && cuda_ops::SwiGluBackwardWithForwardApplies(dyc)) {
+        // Fused gate/up on the kernel path: down's input gradient needs no
+        // activation, so it comes first; one SwiGLU kernel then writes the
+        // gate/up gradient (over gate/up's output) and the activation that
+        // down's LoRA gradients need, instead of recomputing it beforehand.
+        torch::Tensor gu;
+        {
+          torch::AutoGradMode enable(true);
+          KeepDenseScope keep(w.keep_dense);  // gate/up's backward follows within this chunk
+          gu = w.GateUp(rc, leaves[0], leaves[1], leaves[2], leaves[3]);
+        }
+        torch::Tensor dact = LoraLinearBackward(dyc, torch::Tensor(), ad, bd, torch::Tensor(), *w.down, w.s_down,
+                                                true, false, false)
+                                 .dx;
+        torch::Tensor act;
+        std::tie(droot, act) = cuda_ops::SwiGluHalvesBackwardWithForward(gu.detach(), dact, /*in_place=*/true);
+        root = gu;
+        const bool need_da = ctx->needs_input_grad(5), need_db = ctx->needs_input_grad(6);
+        if (ad.numel() > 0 && (need_da || need_db)) {
+          down = LoraLinearBackward(dyc, act, ad, bd, ScaledLoraInput(act, ad, w.s_down), *w.down, w.s_down, false,
+                                    need_da, need_db);
+        }
+      } else {
+        torch::Tensor act;
+        {
+          torch::AutoGradMode enable(true);
+          KeepDenseScope keep(w.keep_dense);  // gate/up's backward follows within this chunk
+          act = w.Activation(rc, leaves[0], leaves[1], leaves[2], leaves[3]);
+        }
+        torch::Tensor xa = ad.numel() > 0 ? ScaledLoraInput(act.detach(), ad, w.s_down) : torch::Tensor();
+        down = LoraLinearBackward(dyc, act.detach(), ad, bd, xa, *w.down, w.s_down, true, ctx->needs_input_grad(5),
+                                  ctx->needs_input_grad(6));
+        root = act;
+        droot = down.dx;
+      }
+      accumulate(5, down.da);
+      accumulate(6, down.db);
+      if (inputs.empty() || !root.requires_grad()) {
         if (need_r) dr.slice(0, s, e).copy_(dyc);
         continue;
       }
-      variable_list grads = torch::autograd::grad({act}, inputs, {down.dx}, /*retain_graph=*/false,
+      variable_list grads = torch::autograd::grad({root}, inputs, {droot}, /*retain_graph=*/false,
                                                   /*create_graph=*/false, /*allow_unused=*/true);
       size_t k = 0;
       if (need_r) {
         // The residual passes dy through; the normed path adds its gradient.
         torch::Tensor drc = dr.slice(0, s, e);
-        drc.copy_(dyc);
-        if (grads[k].defined()) drc.add_(grads[k]);
+        if (grads[k].defined()) {
+          at::add_out(drc, dyc, grads[k]);
+        } else {
+          drc.copy_(dyc);
+        }
         ++k;
       }
       for (int i : slot) accumulate(i, grads[k++]);
@@ -430,6 +586,8 @@ c10::intrusive_ptr<FrozenWeight> Frozen(const std::vector<const LinearWithLora*>
   for (const LinearWithLora* lin : group) {
     w->parts.push_back({lin->nf4_weight(), lin->dense_weight(), lin->out_features()});  // shares the tensors
   }
+  w->fold_lora = w->quantized() && w->Rows() > w->in;
+  w->fold_lora_rows = w->quantized() && w->in > w->Rows();
   return w;
 }
 
@@ -447,9 +605,22 @@ bool CanFuse(const std::vector<const LinearWithLora*>& group, bool training) {
   return true;
 }
 
+// The spare columns ops::RmsNorm should leave after its rows for a group's
+// folded LoRA input (FrozenWeight::Folds): the group's stacked rank, or 0
+// when it does not fold.
+int64_t FoldedLoraColumns(const std::vector<const LinearWithLora*>& group) {
+  if (!group[0]->has_lora() || !Frozen(group)->fold_lora) return 0;
+  int64_t r = 0;
+  for (const LinearWithLora* lin : group) r += lin->lora_rank();
+  return r;
+}
+
 // x [.., in] through a fusable group as one node: [.., sum out_i], member i's
 // output in its columns (LoraLinearFunction on the stacked weights and LoRA).
-torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, const torch::Tensor& x) {
+// `x_spare`: x came from ops::RmsNorm with FoldedLoraColumns(group) spare
+// columns and has no other reader.
+torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, const torch::Tensor& x,
+                              bool x_spare = false) {
   const LinearWithLora& first = *group[0];
   const torch::Tensor absent = Absent(x);
   torch::Tensor a = absent, b = absent;
@@ -461,7 +632,8 @@ torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, c
   c10::intrusive_ptr<FrozenWeight> w = Frozen(group);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = w->Rows();
-  return LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, w, first.scaling(), false)
+  return LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, w, first.scaling(), false,
+                                   x_spare)
       .view(shape);
 }
 
@@ -477,11 +649,11 @@ torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, con
   auto [a, b] = LoraCopies(x.scalar_type(), absent);
   torch::Tensor y;
   if (!dropout) {
-    y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_, root_only);
+    y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_, root_only, false);
   } else {
     // The LoRA branch sees dropout(x): composed from autograd ops, with the
     // update still accumulated into the base output in place.
-    y = LoraLinearFunction::apply(x2, absent, absent, r2, w, 1.0, false);
+    y = LoraLinearFunction::apply(x2, absent, absent, r2, w, 1.0, false, false);
     torch::Tensor xa = torch::linear(torch::dropout(x2, dropout_, /*train=*/true), a);
     if (scaling_ != 1.0) xa = xa * scaling_;
     y.addmm_(xa, b.t());
@@ -643,13 +815,16 @@ torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::
                                               bool root_only) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
-  torch::Tensor h = ops::RmsNorm(x, layer.input_layernorm, config_.rms_norm_eps);
-  torch::Tensor q, k, v;
   const std::vector<const LinearWithLora*> qkv = {&layer.q_proj, &layer.k_proj, &layer.v_proj};
-  if (fused_projections_ && CanFuse(qkv, training_)) {
+  const bool fuse = fused_projections_ && CanFuse(qkv, training_);
+  const int64_t spare = fuse ? FoldedLoraColumns(qkv) : 0;
+  torch::Tensor h = ops::RmsNorm(x, layer.input_layernorm, config_.rms_norm_eps, spare);
+  torch::Tensor q, k, v;
+  if (fuse) {
     // One GEMM; q/k/v are column views of its output (split's backward
     // writes their gradients into one buffer for the fused backward GEMM).
-    std::vector<torch::Tensor> parts = FusedProjection(qkv, h).split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
+    std::vector<torch::Tensor> parts =
+        FusedProjection(qkv, h, spare > 0).split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
     q = parts[0], k = parts[1], v = parts[2];
   } else {
     q = layer.q_proj.Forward(h, training_);
@@ -675,8 +850,9 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   const std::vector<const LinearWithLora*> gate_up = {&layer.gate_proj, &layer.up_proj};
   const bool fuse = fused_projections_ && CanFuse(gate_up, training_);
   if (!as_node || !MlpNodeApplies()) {
-    torch::Tensor h = ops::RmsNorm(r, layer.post_attention_layernorm, config_.rms_norm_eps);
-    torch::Tensor act = fuse ? cuda_ops::SwiGluHalves(FusedProjection(gate_up, h))
+    const int64_t spare = fuse ? FoldedLoraColumns(gate_up) : 0;
+    torch::Tensor h = ops::RmsNorm(r, layer.post_attention_layernorm, config_.rms_norm_eps, spare);
+    torch::Tensor act = fuse ? cuda_ops::SwiGluHalves(FusedProjection(gate_up, h, spare > 0))
                              : cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_),
                                                 layer.up_proj.Forward(h, training_));
     return layer.down_proj.Forward(act, training_, /*residual=*/r);

@@ -76,6 +76,7 @@ class LinearWithLora {
   // Base weight in `dtype` (dequantised if NF4).
   torch::Tensor BaseWeight(torch::ScalarType dtype) const;
   bool has_lora() const { return lora_a_.defined(); }
+  int64_t lora_rank() const { return has_lora() ? lora_a_.size(0) : 0; }
   // LoRA dropout applies to this call (training with dropout > 0).
   bool LoraDropoutActive(bool training) const { return has_lora() && training && dropout_ > 0; }
   // Copies of A and B in `dtype` (autograd casts, so gradients reach the fp32

@@ -192,8 +192,8 @@ torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const 
   return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1);
 }
 
-torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  if (torch::Tensor fused = cuda_ops::TryRmsNorm(x, weight, eps); fused.defined()) return fused;
+torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t spare_cols) {
+  if (torch::Tensor fused = cuda_ops::TryRmsNorm(x, weight, eps, spare_cols); fused.defined()) return fused;
   torch::Tensor xf = x.to(torch::kFloat32);
   torch::Tensor var = xf.pow(2).mean(-1, /*keepdim=*/true);
   xf = xf * torch::rsqrt(var + eps);

@@ -30,8 +30,11 @@ std::pair<torch::Tensor, torch::Tensor> RopeCosSin(const torch::Tensor& inv_freq
 torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
 // HF LlamaRMSNorm: variance in fp32, normalised x cast back to the input
-// dtype, then multiplied by weight.
-torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+// dtype, then multiplied by weight. `spare_cols` > 0 asks (on the fused CUDA
+// path) for the result's rows to be followed by that many unused columns of
+// the same buffer, for a folded projection's LoRA input (llama.cc); the torch
+// path ignores it.
+torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t spare_cols = 0);
 
 // Causal (optionally segment-restricted) GQA attention.
 // q [B,Hq,T,d], k/v [B,Hkv,T,d] with Hq % Hkv == 0; segment_ids int64 [B,T]

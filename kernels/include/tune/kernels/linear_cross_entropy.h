@@ -50,6 +50,20 @@ Status LinearCrossEntropyForward(const LinearCrossEntropyArgs& args, float* lse,
 Status LinearCrossEntropyBackward(const LinearCrossEntropyArgs& args, const float* lse, const float* grad_scale,
                                   uint16_t* dhidden, int64_t dhidden_stride, cudaStream_t stream);
 
+// Forward that also writes d(loss_sum)/d hidden into dhidden: the same bits as
+// Backward with *grad_scale == 1, from the logits the forward computed anyway,
+// so training computes each chunk's logits once instead of twice. The caller
+// applies the upstream gradient later with ScaleBf16Rows (one more bf16
+// rounding than Backward with that grad_scale).
+Status LinearCrossEntropyForwardWithGrad(const LinearCrossEntropyArgs& args, float* lse, float* row_loss,
+                                         float* loss_sum, uint16_t* dhidden, int64_t dhidden_stride,
+                                         cudaStream_t stream);
+
+// dst = bf16(float(src) * *scale) over [rows, cols] bf16 with row strides
+// (elements); dst may be src (same stride). scale: one fp32 on the device.
+Status ScaleBf16Rows(const uint16_t* src, int64_t src_stride, uint16_t* dst, int64_t dst_stride, int64_t rows,
+                     int64_t cols, const float* scale, cudaStream_t stream);
+
 }  // namespace tune::kernels
 
 #endif  // TUNE_KERNELS_INCLUDE_TUNE_KERNELS_LINEAR_CROSS_ENTROPY_H_

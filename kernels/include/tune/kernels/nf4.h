@@ -51,6 +51,12 @@ struct Nf4View {
 // Writes numel bf16 values (uint16_t storage) to out. numel == 0 is a no-op.
 Status Nf4DequantizeBf16(const Nf4View& q, uint16_t* out, cudaStream_t stream);
 
+// The same as rows of row_len values (numel a multiple of row_len), row r at
+// out + r * out_stride (out_stride >= row_len): a weight written into the
+// first columns of a wider buffer (the trainer puts LoRA B in the rest).
+Status Nf4DequantizeBf16Rows(const Nf4View& q, int64_t row_len, uint16_t* out, int64_t out_stride,
+                             cudaStream_t stream);
+
 }  // namespace tune::kernels
 
 #endif  // TUNE_KERNELS_INCLUDE_TUNE_KERNELS_NF4_H_

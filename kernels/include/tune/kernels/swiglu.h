@@ -31,6 +31,15 @@ Status SwiGluBackward(const SwiGluShape& shape, const uint16_t* gate, int64_t ga
                       int64_t up_stride, const uint16_t* dh, int64_t dh_stride, uint16_t* dgate,
                       int64_t dgate_stride, uint16_t* dup, int64_t dup_stride, cudaStream_t stream);
 
+// SwiGluBackward that also writes the forward's h (bit-identical to
+// SwiGluForward) from the gate/up values it reads anyway: for a backward that
+// needs h (a LoRA on the next projection) after the gradient it feeds, this
+// replaces a recompute pass. h must not alias any other argument.
+Status SwiGluBackwardWithForward(const SwiGluShape& shape, const uint16_t* gate, int64_t gate_stride,
+                                 const uint16_t* up, int64_t up_stride, const uint16_t* dh, int64_t dh_stride,
+                                 uint16_t* dgate, int64_t dgate_stride, uint16_t* dup, int64_t dup_stride, uint16_t* h,
+                                 int64_t h_stride, cudaStream_t stream);
+
 }  // namespace tune::kernels
 
 #endif  // TUNE_KERNELS_INCLUDE_TUNE_KERNELS_SWIGLU_H_
