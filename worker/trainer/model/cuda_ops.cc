@@ -79,12 +79,13 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     // Rows spaced wider than H (a column view, e.g. a folded projection's
     // dx) are read in place.
     torch::Tensor dy = grad[0].to(torch::kBFloat16).reshape({-1, H});
-    if (dy.stride(1) != 1 || dy.stride(0) < H) dy = dy.contiguous();
+    if (dy.stride(1) != 1 || (dy.size(0) > 1 && dy.stride(0) < H)) dy = dy.contiguous();
+    const int64_t dy_stride = dy.size(0) > 1 ? dy.stride(0) : H;  // one row: its stride is arbitrary
     torch::Tensor dx = torch::empty_like(x2);
     torch::Tensor dw;  // only when the norm weight is trainable
     if (ctx->needs_input_grad(1)) dw = torch::zeros({H}, x2.options().dtype(torch::kFloat32));
     const float eps = static_cast<float>(ctx->saved_data["eps"].toDouble());
-    Check(k::RmsNormBackward({x2.size(0), H, eps}, Bf16(x2), H, Bf16(w), rstd.data_ptr<float>(), Bf16(dy), dy.stride(0),
+    Check(k::RmsNormBackward({x2.size(0), H, eps}, Bf16(x2), H, Bf16(w), rstd.data_ptr<float>(), Bf16(dy), dy_stride,
                              Bf16Mut(dx), H, dw.defined() ? dw.data_ptr<float>() : nullptr, Stream(x2)),
           "rmsnorm backward");
     return {dx.view(grad[0].sizes()), dw.defined() ? dw.to(w.scalar_type()) : torch::Tensor(), torch::Tensor(),
@@ -231,7 +232,10 @@ class LinearCeFn : public torch::autograd::Function<LinearCeFn> {
                                                  row_loss.data_ptr<float>(), loss.data_ptr<float>(), Bf16Mut(dh),
                                                  dh.stride(0), Stream(h)),
             "linear cross-entropy forward");
-      ctx->saved_data["dh"] = dh;  // an intermediate, not an input: not a saved variable
+      // A saved variable (not saved_data), so it is freed once this backward
+      // has run instead of living as long as the graph.
+      ctx->save_for_backward({dh});
+      ctx->saved_data["grad_in_forward"] = true;
       return loss;
     }
     Check(k::LinearCrossEntropyForward(CeArgs(h, w, y, scratch), lse.data_ptr<float>(), row_loss.data_ptr<float>(),
@@ -243,8 +247,8 @@ class LinearCeFn : public torch::autograd::Function<LinearCeFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    if (ctx->saved_data.count("dh") > 0) {
-      const torch::Tensor unit = ctx->saved_data["dh"].toTensor();
+    if (ctx->saved_data.count("grad_in_forward") > 0) {
+      const torch::Tensor unit = ctx->get_saved_variables()[0];
       c10::cuda::CUDAGuard guard(unit.device());
       torch::Tensor g = grad[0].to(unit.device(), torch::kFloat32).contiguous();
       torch::Tensor dh = torch::empty_like(unit);  // out of place: backward may run again (retain_graph)

@@ -222,7 +222,10 @@ bool HasSpareColumns(const torch::Tensor& x, int64_t cols) {
 LoraLinearOut LoraLinearForward(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                                 const torch::Tensor& residual, const FrozenWeight& w, double scaling,
                                 bool x_spare = false) {
-  if (w.Folds(x, a)) {
+  // Without spare columns x is copied, which pays only when the copy is this
+  // node's alone: a fused group is x's only reader, a single projection may
+  // share x with others (which would then each save a copy).
+  if (w.Folds(x, a) && (x_spare || w.parts.size() > 1)) {
     // [x | s x A^T] against [W | B]: xa is written straight into its columns,
     // beside x itself when it has room, else beside a copy.
     const int64_t in = x.size(1), r = a.size(0);
@@ -242,7 +245,9 @@ LoraLinearOut LoraLinearForward(const torch::Tensor& x, const torch::Tensor& a, 
     return {y, xa, xc.narrow(1, 0, in)};  // x itself need not outlive this call
   }
   torch::Tensor dense = w.Get(x.scalar_type());
-  if (t_keep_dense && w.quantized()) w.kept = dense;
+  // Kept for backward only in the layout backward uses (a folding backward
+  // builds its own wider copy).
+  if (t_keep_dense && w.quantized() && !w.Folds(x, a) && !w.FoldsRows(x, a)) w.kept = dense;
   torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
   torch::Tensor xa;
   if (a.numel() > 0) {

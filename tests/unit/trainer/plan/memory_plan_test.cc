@@ -88,6 +88,28 @@ TEST(MemoryPlanTest, OptimizerBytesEightBitVersusFp32) {
   EXPECT_EQ(OptimizerStateBytes(in), 8 * 41943040LL);  // 335,544,320
 }
 
+TEST(MemoryPlanTest, AdamDenominatorsPeakWhenLoraDwarfsTheActivations) {
+  // fp32 AdamW with r = 512 on all linears: 32 x 512 x (4096+4096 + 4096+1024 +
+  // 4096+1024 + 4096+4096 + 3 x (4096+14336)) = 1,342,177,280 LoRA parameters.
+  // Its update holds sqrt(v) as a new fp32 tensor per parameter, 4 bytes each
+  // = 5,368,709,120 bytes on top of everything persistent; at 16 tokens no
+  // activation phase comes near it.
+  PlanInputs in = Job8B(0);
+  in.optimizer = "adamw";
+  in.lora_r = 512;
+  in.seq_len = 16;
+  ASSERT_EQ(LoraParameterCount(in), 1342177280);
+  const Breakdown b = PlanFor(in, 1, Checkpointing::kOff);
+  EXPECT_EQ(b.peak_phase, "optimizer");
+  EXPECT_EQ(b.transient, 4 * 1342177280LL);
+  EXPECT_EQ(b.activations, 0);
+  EXPECT_EQ(b.peak_allocated, b.weights + b.lora + b.optimizer + b.workspace + 4 * 1342177280LL);
+  // 8-bit AdamW keeps no fp32 state for tensors of 4096 elements or more (all
+  // of these): no denominators, so an activation phase is the peak.
+  in.optimizer = "adamw_8bit";
+  EXPECT_NE(PlanFor(in, 1, Checkpointing::kOff).peak_phase, "optimizer");
+}
+
 TEST(MemoryPlanTest, ActivationsPerTokenWithAndWithoutCheckpointing) {
   PlanInputs in = Job8B(0);
   // One layer, bf16, SDPA, per token:
