@@ -28,6 +28,16 @@ struct alignas(16) Bf16x8 {
 
 __host__ __device__ __forceinline__ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// Rows starting at p every `stride` bf16 elements all start 16-byte aligned
+// (what the 8-wide vector paths need, with a row length % 8 == 0).
+inline bool RowsAligned16(const void* p, int64_t stride) { return Aligned16(p) && stride % 8 == 0; }
+
+// Whether a grid-stride loop over `items` with `grid` blocks of `threads`
+// can count in 32 bits: its last increment stays below 2^32.
+inline bool FitsIn32(int64_t items, int grid, int threads) {
+  return items + int64_t{grid} * threads < (int64_t{1} << 32);
+}
+
 // Sum over the block (blockDim.x a multiple of 32, <= 1024). `scratch` holds
 // 32 floats; the result is returned to every thread.
 __device__ __forceinline__ float BlockSum(float v, float* scratch) {

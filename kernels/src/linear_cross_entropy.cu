@@ -300,7 +300,7 @@ Status ScaleBf16Rows(const uint16_t* src, int64_t src_stride, uint16_t* dst, int
   Status s = validate::ScaleBf16Rows(src, src_stride, dst, dst_stride, rows, cols, scale);
   if (!s.ok() || rows == 0 || cols == 0) return s;
   constexpr int kScaleThreads = 256;
-  if (cols % 8 == 0 && src_stride % 8 == 0 && dst_stride % 8 == 0 && detail::Aligned16(src) && detail::Aligned16(dst)) {
+  if (cols % 8 == 0 && detail::RowsAligned16(src, src_stride) && detail::RowsAligned16(dst, dst_stride)) {
     ScaleRowsKernel8<<<detail::GridFor(rows * (cols / 8), kScaleThreads), kScaleThreads, 0, stream>>>(
         src, src_stride, dst, dst_stride, rows, cols, scale);
   } else {

@@ -93,8 +93,8 @@ Status Nf4DequantizeBf16Rows(const Nf4View& q, int64_t row_len, uint16_t* out, i
   if (!s.ok() || q.numel == 0) return s;
   const DeviceNf4 dq{q.packed, q.numel, q.block_size, q.absmax, q.absmax_q, q.absmax_scale, q.absmax_offset,
                      q.dynamic_map};
-  const bool vector_ok = q.block_size % 16 == 0 && row_len % 16 == 0 && out_stride % 8 == 0 &&
-                         detail::Aligned16(out) && (reinterpret_cast<uintptr_t>(q.packed) & 7) == 0;
+  const bool vector_ok = q.block_size % 16 == 0 && row_len % 16 == 0 && detail::RowsAligned16(out, out_stride) &&
+                         (reinterpret_cast<uintptr_t>(q.packed) & 7) == 0;
   constexpr int kThreads = 256;
   const int grid = detail::GridFor(detail::CeilDiv(q.numel, 16), kThreads);
   if (q.numel < (int64_t{1} << 31)) {

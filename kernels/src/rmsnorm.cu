@@ -158,8 +158,8 @@ Status RmsNormForward(const RmsNormShape& shape, const uint16_t* x, int64_t x_st
                       uint16_t* y, int64_t y_stride, float* rstd, cudaStream_t stream) {
   Status s = validate::RmsNorm(shape, x, x_stride, weight, y, y_stride);
   if (!s.ok() || shape.rows == 0) return s;
-  const bool vec = shape.hidden % 8 == 0 && x_stride % 8 == 0 && y_stride % 8 == 0 && detail::Aligned16(x) &&
-                   detail::Aligned16(y) && detail::Aligned16(weight);
+  const bool vec = shape.hidden % 8 == 0 && detail::RowsAligned16(x, x_stride) &&
+                   detail::RowsAligned16(y, y_stride) && detail::Aligned16(weight);
   const int grid = static_cast<int>(std::min<int64_t>(shape.rows, 65535));
   if (vec) {
     RmsNormFwdKernel<true><<<grid, kThreads, 0, stream>>>(shape.rows, shape.hidden, shape.eps, x, x_stride, weight,
@@ -191,8 +191,9 @@ Status RmsNormBackward(const RmsNormShape& shape, const uint16_t* x, int64_t x_s
       return InvalidArgument("rmsnorm backward: hidden too large for the dweight accumulator in shared memory");
     }
   }
-  const bool vec = shape.hidden % 8 == 0 && x_stride % 8 == 0 && dy_stride % 8 == 0 && dx_stride % 8 == 0 &&
-                   detail::Aligned16(x) && detail::Aligned16(dy) && detail::Aligned16(dx) && detail::Aligned16(weight);
+  const bool vec = shape.hidden % 8 == 0 && detail::RowsAligned16(x, x_stride) &&
+                   detail::RowsAligned16(dy, dy_stride) && detail::RowsAligned16(dx, dx_stride) &&
+                   detail::Aligned16(weight);
   const int64_t per_pass = int64_t{kThreads} * 8;
   // Distinct kernels with their own dynamic shared memory limits.
   auto launch = [&](auto kernel) -> Status {

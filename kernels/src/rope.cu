@@ -122,7 +122,7 @@ Status Launch(const RopeShape& shape, const RopeTensor& in, const RopeTensor& ou
   const int64_t items = tokens_heads * (shape.head_dim / 2 / v);
   const int grid = detail::GridFor(items, kThreads);
   // 32-bit indices when the loop's last increment cannot wrap.
-  const bool narrow = items + int64_t{grid} * kThreads < (int64_t{1} << 32);
+  const bool narrow = detail::FitsIn32(items, grid, kThreads);
   if (v == 8 && narrow) {
     RopeKernel<8, kBackward, uint32_t><<<grid, kThreads, 0, stream>>>(shape, in, out, tables);
   } else if (v == 8) {

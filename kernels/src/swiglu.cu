@@ -11,6 +11,7 @@ using detail::Bf16ToF32;
 using detail::Bf16x8;
 using detail::F32ToBf16;
 using detail::RoundBf16;
+using detail::RowsAligned16;
 
 // torch's CUDA silu / silu_backward formulas in fp32.
 __device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
@@ -88,21 +89,17 @@ __global__ void SwiGluBwdKernel(Index rows, Index cols, const uint16_t* gate, in
   }
 }
 
-bool RowsAligned(const void* p, int64_t stride) { return detail::Aligned16(p) && stride % 8 == 0; }
 
 constexpr int kThreads = 256;
-
-// 32-bit indices when the flat loop cannot wrap: items + one grid stride < 2^32.
-bool Narrow(int64_t items, int grid) { return items + int64_t{grid} * kThreads < (int64_t{1} << 32); }
 
 // The backward launch, with or without h.
 template <bool kWithH>
 Status LaunchBackward(const SwiGluShape& shape, const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
                       int64_t up_stride, const uint16_t* dh, int64_t dh_stride, uint16_t* dgate, int64_t dgate_stride,
                       uint16_t* dup, int64_t dup_stride, uint16_t* h, int64_t h_stride, cudaStream_t stream) {
-  const bool vec = shape.cols % 8 == 0 && RowsAligned(gate, gate_stride) && RowsAligned(up, up_stride) &&
-                   RowsAligned(dh, dh_stride) && RowsAligned(dgate, dgate_stride) && RowsAligned(dup, dup_stride) &&
-                   (!kWithH || RowsAligned(h, h_stride));
+  const bool vec = shape.cols % 8 == 0 && RowsAligned16(gate, gate_stride) && RowsAligned16(up, up_stride) &&
+                   RowsAligned16(dh, dh_stride) && RowsAligned16(dgate, dgate_stride) &&
+                   RowsAligned16(dup, dup_stride) && (!kWithH || RowsAligned16(h, h_stride));
   const int64_t items = shape.rows * shape.cols / (vec ? 8 : 1);
   const int grid = detail::GridFor(items, kThreads);
   auto run = [&](auto kernel, auto index) {
@@ -111,11 +108,11 @@ Status LaunchBackward(const SwiGluShape& shape, const uint16_t* gate, int64_t ga
                                           gate_stride, up, up_stride, dh, dh_stride, dgate, dgate_stride, dup,
                                           dup_stride, h, h_stride);
   };
-  if (vec && Narrow(items, grid)) {
+  if (vec && detail::FitsIn32(items, grid, kThreads)) {
     run(SwiGluBwdKernel<8, kWithH, uint32_t>, uint32_t{});
   } else if (vec) {
     run(SwiGluBwdKernel<8, kWithH, int64_t>, int64_t{});
-  } else if (Narrow(items, grid)) {
+  } else if (detail::FitsIn32(items, grid, kThreads)) {
     run(SwiGluBwdKernel<1, kWithH, uint32_t>, uint32_t{});
   } else {
     run(SwiGluBwdKernel<1, kWithH, int64_t>, int64_t{});
@@ -138,8 +135,8 @@ Status SwiGluForward(const SwiGluShape& shape, const uint16_t* gate, int64_t gat
                      int64_t up_stride, uint16_t* h, int64_t h_stride, cudaStream_t stream) {
   Status s = validate::SwiGlu(shape, gate, gate_stride, up, up_stride, h, h_stride);
   if (!s.ok() || shape.rows == 0 || shape.cols == 0) return s;
-  const bool vec = shape.cols % 8 == 0 && RowsAligned(gate, gate_stride) && RowsAligned(up, up_stride) &&
-                   RowsAligned(h, h_stride);
+  const bool vec = shape.cols % 8 == 0 && RowsAligned16(gate, gate_stride) && RowsAligned16(up, up_stride) &&
+                   RowsAligned16(h, h_stride);
   const int64_t items = shape.rows * shape.cols / (vec ? 8 : 1);
   const int grid = detail::GridFor(items, kThreads);
   auto run = [&](auto kernel, auto index) {
@@ -147,11 +144,11 @@ Status SwiGluForward(const SwiGluShape& shape, const uint16_t* gate, int64_t gat
     kernel<<<grid, kThreads, 0, stream>>>(static_cast<Index>(shape.rows), static_cast<Index>(shape.cols), gate,
                                           gate_stride, up, up_stride, h, h_stride);
   };
-  if (vec && Narrow(items, grid)) {
+  if (vec && detail::FitsIn32(items, grid, kThreads)) {
     run(SwiGluFwdKernel<8, uint32_t>, uint32_t{});
   } else if (vec) {
     run(SwiGluFwdKernel<8, int64_t>, int64_t{});
-  } else if (Narrow(items, grid)) {
+  } else if (detail::FitsIn32(items, grid, kThreads)) {
     run(SwiGluFwdKernel<1, uint32_t>, uint32_t{});
   } else {
     run(SwiGluFwdKernel<1, int64_t>, int64_t{});
