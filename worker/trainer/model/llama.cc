@@ -79,26 +79,12 @@ struct FrozenWeight : torch::CustomClassHolder {
     if (torch::Tensor v = AdjacentDense(); v.defined()) return v;
     const torch::Tensor& any = parts[0].nf4 ? parts[0].nf4->packed : parts[0].dense;
     torch::Tensor out = torch::empty({Rows(), in}, any.options().dtype(dtype));
-    int64_t r = 0;
-    for (const FrozenPart& p : parts) {
-      torch::Tensor slice = out.narrow(0, r, p.rows);
-      if (p.nf4 && dtype == torch::kBFloat16 && slice.is_cuda() && cuda_ops::Enabled()) {
-        cuda_ops::Nf4DequantizeInto(*p.nf4, slice.view({-1}));
-      } else {
-        slice.copy_(p.nf4 ? nf4::Dequantize(*p.nf4, dtype) : p.dense);
-      }
-      r += p.rows;
-    }
+    FillRows(out);
     return out;
   }
-  // The matmul weight for backward: the copy kept from the recompute (then
-  // released), or Get().
+  // The matmul weight for backward: the copy kept from the recompute, or Get().
   torch::Tensor Take(torch::ScalarType dtype) const {
-    if (kept.defined() && kept.scalar_type() == dtype) {
-      torch::Tensor t = std::move(kept);
-      kept = torch::Tensor();
-      return t;
-    }
+    if (torch::Tensor t = TakeKept(dtype, in); t.defined()) return t;
     return Get(dtype);
   }
   bool quantized() const { return parts[0].nf4.has_value(); }
@@ -108,18 +94,12 @@ struct FrozenWeight : torch::CustomClassHolder {
   // output for the LoRA term (out > in makes that cost more than copying x
   // into the wider input, when x has no spare columns), and backward's
   // g [W | B] gives g B with dx.
-  bool Folds(const torch::Tensor& x, const torch::Tensor& a) const {
-    return fold_lora && a.numel() > 0 && x.is_cuda() && x.scalar_type() == torch::kBFloat16 && cuda_ops::Enabled();
-  }
-  // [W | b] for a folding weight: each NF4 part dequantised into the first
-  // `in` columns of its rows, b [Rows(), r] copied into the last r.
+  bool Folds(const torch::Tensor& x, const torch::Tensor& a) const { return fold_lora && LoraOnKernelPath(x, a); }
+  // [W | b] for a folding weight: W in the first `in` columns, b [Rows(), r]
+  // copied into the last r.
   torch::Tensor GetFolded(const torch::Tensor& b) const {
     torch::Tensor out = torch::empty({Rows(), in + b.size(1)}, b.options());
-    int64_t r = 0;
-    for (const FrozenPart& p : parts) {
-      cuda_ops::Nf4DequantizeIntoRows(*p.nf4, out.narrow(0, r, p.rows).narrow(1, 0, in));
-      r += p.rows;
-    }
+    FillRows(out.narrow(1, 0, in));
     out.narrow(1, in, b.size(1)).copy_(b);
     return out;
   }
@@ -127,27 +107,19 @@ struct FrozenWeight : torch::CustomClassHolder {
   // [W; A]: copying g [N, out] into the wider input costs less than a
   // read-modify-write of dx [N, in] when in > out.
   bool FoldsRows(const torch::Tensor& g, const torch::Tensor& a) const {
-    return fold_lora_rows && a.numel() > 0 && g.is_cuda() && g.scalar_type() == torch::kBFloat16 &&
-           cuda_ops::Enabled();
+    return fold_lora_rows && LoraOnKernelPath(g, a);
   }
-  // [W; a] for a row-folding weight: W dequantised into the first Rows()
-  // rows, a [r, in] copied into the last r.
+  // [W; a] for a row-folding weight: W in the first Rows() rows, a [r, in]
+  // copied into the last r.
   torch::Tensor GetRowFolded(const torch::Tensor& a) const {
     torch::Tensor out = torch::empty({Rows() + a.size(0), in}, a.options());
-    int64_t r = 0;
-    for (const FrozenPart& p : parts) {
-      cuda_ops::Nf4DequantizeIntoRows(*p.nf4, out.narrow(0, r, p.rows));
-      r += p.rows;
-    }
-    out.narrow(0, r, a.size(0)).copy_(a);
+    FillRows(out.narrow(0, 0, Rows()));
+    out.narrow(0, Rows(), a.size(0)).copy_(a);
     return out;
   }
+  // Take() for a folding weight: [W | b] kept from the recompute, or GetFolded.
   torch::Tensor TakeFolded(const torch::Tensor& b) const {
-    if (kept.defined() && kept.size(1) == in + b.size(1) && kept.scalar_type() == b.scalar_type()) {
-      torch::Tensor t = std::move(kept);
-      kept = torch::Tensor();
-      return t;
-    }
+    if (torch::Tensor t = TakeKept(b.scalar_type(), in + b.size(1)); t.defined()) return t;
     return GetFolded(b);
   }
   int64_t Rows() const {
@@ -157,6 +129,32 @@ struct FrozenWeight : torch::CustomClassHolder {
   }
 
  private:
+  // LoRA present and x (or g) on the CUDA kernel path in bf16: where folding can run.
+  static bool LoraOnKernelPath(const torch::Tensor& t, const torch::Tensor& a) {
+    return a.numel() > 0 && t.is_cuda() && t.scalar_type() == torch::kBFloat16 && cuda_ops::Enabled();
+  }
+  // Writes the parts into out [Rows(), in] (rows may be spaced wider), each
+  // into its rows: NF4 through the CUDA kernel for bf16, torch ops otherwise.
+  void FillRows(const torch::Tensor& out) const {
+    int64_t r = 0;
+    for (const FrozenPart& p : parts) {
+      torch::Tensor slice = out.narrow(0, r, p.rows);
+      if (p.nf4 && out.scalar_type() == torch::kBFloat16 && out.is_cuda() && cuda_ops::Enabled()) {
+        cuda_ops::Nf4DequantizeIntoRows(*p.nf4, slice);
+      } else {
+        slice.copy_(p.nf4 ? nf4::Dequantize(*p.nf4, out.scalar_type()) : p.dense);
+      }
+      r += p.rows;
+    }
+  }
+  // The copy kept from the recompute if it is `cols` wide in `dtype`, else
+  // undefined; either way it is released.
+  torch::Tensor TakeKept(torch::ScalarType dtype, int64_t cols) const {
+    torch::Tensor t = std::move(kept);
+    kept = torch::Tensor();
+    if (t.defined() && t.scalar_type() == dtype && t.size(1) == cols) return t;
+    return {};
+  }
   // Dense parts that are consecutive rows of one tensor, as one view.
   torch::Tensor AdjacentDense() const {
     const torch::Tensor& first = parts[0].dense;
@@ -272,7 +270,6 @@ LoraLinearGrads LoraLinearBackward(const torch::Tensor& g, const torch::Tensor& 
     // [dx | g B] = g [W | B]; dxa is copied out (a few columns) so dx's
     // addmm_ does not read the buffer it writes.
     torch::Tensor full = g.mm(w.TakeFolded(b));
-    w.kept = torch::Tensor();  // a copy kept in another layout is not needed either
     r.dx = full.narrow(1, 0, w.in);
     torch::Tensor gb = full.narrow(1, w.in, a.size(0));
     torch::Tensor dxa = scaling != 1.0 ? gb.mul(scaling) : gb.contiguous();
@@ -352,6 +349,7 @@ struct MlpWeights : torch::CustomClassHolder {
   double eps = 0;
   c10::intrusive_ptr<FrozenWeight> gate, up, down;  // gate/up unset when they run as one GEMM:
   c10::intrusive_ptr<FrozenWeight> gate_up;         // then this is set (and s_gate == s_up)
+  int64_t gate_up_spare = 0;                        // FoldedLoraColumns of gate/up
   double s_gate = 1, s_up = 1, s_down = 1;
   int64_t chunk = 0;
   bool root_only = false;  // see MlpFunction
@@ -365,10 +363,9 @@ struct MlpWeights : torch::CustomClassHolder {
     const torch::Tensor absent = Absent(r);
     // A folding gate/up reads n with its LoRA input beside it: n's rows get
     // the spare columns (n has no other reader).
-    const int64_t spare = gate_up->fold_lora && ag.numel() > 0 ? ag.size(0) + au.size(0) : 0;
-    torch::Tensor n = ops::RmsNorm(r, norm, eps, spare);
+    torch::Tensor n = ops::RmsNorm(r, norm, eps, gate_up_spare);
     auto [a, b] = ag.numel() > 0 ? StackLora({{ag, bg}, {au, bu}}) : std::make_pair(absent, absent);
-    return LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate, false, spare > 0);
+    return LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate, false, gate_up_spare > 0);
   }
 
   // swiglu(gate(n), up(n)) with n = rmsnorm(r), as autograd ops (see GateUp).
@@ -854,8 +851,8 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   const int64_t H = config_.hidden_size, n = r.numel() / H;
   const std::vector<const LinearWithLora*> gate_up = {&layer.gate_proj, &layer.up_proj};
   const bool fuse = fused_projections_ && CanFuse(gate_up, training_);
+  const int64_t spare = fuse ? FoldedLoraColumns(gate_up) : 0;
   if (!as_node || !MlpNodeApplies()) {
-    const int64_t spare = fuse ? FoldedLoraColumns(gate_up) : 0;
     torch::Tensor h = ops::RmsNorm(r, layer.post_attention_layernorm, config_.rms_norm_eps, spare);
     torch::Tensor act = fuse ? cuda_ops::SwiGluHalves(FusedProjection(gate_up, h, spare > 0))
                              : cuda_ops::SwiGlu(layer.gate_proj.Forward(h, training_),
@@ -867,6 +864,7 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   w->eps = config_.rms_norm_eps;
   if (fuse) {
     w->gate_up = Frozen(gate_up);
+    w->gate_up_spare = spare;
   } else {
     w->gate = Frozen(layer.gate_proj);
     w->up = Frozen(layer.up_proj);
