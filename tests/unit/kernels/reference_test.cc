@@ -48,15 +48,21 @@ TEST(Nf4RefTest, DynamicMapHasBitsandbytesShape) {
   EXPECT_NEAR(map[128], 0.55e-6, 1e-12);
 }
 
+// A plain-absmax NF4 view of numel values in blocks of 4.
+Nf4View PlainBlocksOf4(const uint8_t* packed, int64_t numel, const float* absmax) {
+  Nf4View q;
+  q.packed = packed;
+  q.numel = numel;
+  q.block_size = 4;
+  q.absmax = absmax;
+  return q;
+}
+
 TEST(Nf4RefTest, DequantisesHighNibbleFirstWithPartialBlock) {
   // 5 values, block 4: blocks {0..3} and {4} (padded). Byte 0x0F = codes 0 (-1) then 15 (+1).
   const uint8_t packed[4] = {0x0f, 0x78, 0xf0, 0x00};
   const float absmax[2] = {2.0f, 0.5f};
-  Nf4View q;
-  q.packed = packed;
-  q.numel = 5;
-  q.block_size = 4;
-  q.absmax = absmax;
+  const Nf4View q = PlainBlocksOf4(packed, 5, absmax);
   std::vector<uint16_t> out(5);
   ASSERT_TRUE(Nf4DequantizeBf16(q, out.data()).ok());
   EXPECT_EQ(Bf16ToFloat(out[0]), -2.0f);
@@ -69,11 +75,7 @@ TEST(Nf4RefTest, DequantisesHighNibbleFirstWithPartialBlock) {
 TEST(Nf4RefTest, RowsLandAtTheirStrideAndLeaveTheGapAlone) {
   const uint8_t packed[3] = {0x0f, 0x78, 0xf0};
   const float absmax[2] = {2.0f, 0.5f};
-  Nf4View q;
-  q.packed = packed;
-  q.numel = 6;
-  q.block_size = 4;
-  q.absmax = absmax;
+  const Nf4View q = PlainBlocksOf4(packed, 6, absmax);
   std::vector<uint16_t> flat(6), wide(3 * 5, 0xffff);
   ASSERT_TRUE(Nf4DequantizeBf16(q, flat.data()).ok());
   ASSERT_TRUE(Nf4DequantizeBf16Rows(q, 2, wide.data(), 5).ok());  // 3 rows of 2 at stride 5
@@ -271,20 +273,28 @@ TEST(SwiGluRefTest, KnownValuesAndFiniteDifferences) {
   }
 }
 
+// Contiguous rows of hidden [labels.size(), hidden_dim] and weight [vocab, hidden_dim].
+LinearCrossEntropyArgs CeArgs(const std::vector<uint16_t>& h, const std::vector<uint16_t>& w,
+                              const std::vector<int64_t>& labels, int64_t hidden_dim) {
+  LinearCrossEntropyArgs a;
+  a.hidden = h.data();
+  a.hidden_stride = hidden_dim;
+  a.weight = w.data();
+  a.weight_stride = hidden_dim;
+  a.labels = labels.data();
+  a.rows = static_cast<int64_t>(labels.size());
+  a.hidden_dim = hidden_dim;
+  a.vocab = static_cast<int64_t>(w.size()) / hidden_dim;
+  return a;
+}
+
 TEST(LinearCrossEntropyRefTest, KnownLossIgnoreIndexAndGradient) {
   // hidden_dim 1: logits of a row are weight * hidden exactly.
   const std::vector<uint16_t> w = {FloatToBf16(0.0f), FloatToBf16(1.0f), FloatToBf16(2.0f)};
   const std::vector<uint16_t> h = {FloatToBf16(1.0f), FloatToBf16(-1.0f), FloatToBf16(0.5f)};
   const std::vector<int64_t> labels = {2, kIgnoreIndex, 0};
-  LinearCrossEntropyArgs a;
-  a.hidden = h.data();
-  a.hidden_stride = 1;
-  a.weight = w.data();
-  a.weight_stride = 1;
-  a.labels = labels.data();
-  a.rows = 3;
-  a.hidden_dim = 1;
-  a.vocab = 3;
+  LinearCrossEntropyArgs a = CeArgs(h, w, labels, 1);
+  ASSERT_EQ(a.vocab, 3);
   std::vector<float> lse(3), loss(3);
   float sum = 0;
   ASSERT_TRUE(LinearCrossEntropyForward(a, lse.data(), loss.data(), &sum).ok());
@@ -319,15 +329,8 @@ TEST(LinearCrossEntropyRefTest, ForwardWithGradIsForwardPlusUnitBackwardAndScale
                                    FloatToBf16(-1.0f), FloatToBf16(0.5f), FloatToBf16(0.25f)};
   const std::vector<uint16_t> h = {FloatToBf16(1.0f), FloatToBf16(-1.0f), FloatToBf16(0.5f), FloatToBf16(2.0f)};
   const std::vector<int64_t> labels = {2, kIgnoreIndex};
-  LinearCrossEntropyArgs a;
-  a.hidden = h.data();
-  a.hidden_stride = 2;
-  a.weight = w.data();
-  a.weight_stride = 2;
-  a.labels = labels.data();
-  a.rows = 2;
-  a.hidden_dim = 2;
-  a.vocab = 3;
+  const LinearCrossEntropyArgs a = CeArgs(h, w, labels, 2);
+  ASSERT_EQ(a.vocab, 3);
   std::vector<float> lse(2), loss(2), lse2(2), loss2(2);
   float sum = 0, sum2 = 0;
   std::vector<uint16_t> unit(4), unit_bwd(4), scaled(4);
