@@ -1,5 +1,8 @@
 #include "worker/trainer/train/optimizer.h"
 
+#include <torch/version.h>
+
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -72,6 +75,26 @@ void AdamW::Step(double lr) {
     s.vq = QuantizeBlockwise(v, Code(false, p.device()), options_.block);
   }
   if (ps.empty()) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  if (ps[0].is_cuda() && std::all_of(ps.begin(), ps.end(), [](const torch::Tensor& p) { return p.is_contiguous(); })) {
+    // torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs):
+    // the whole update in one pass over p, g, m, v, in fp32, with no
+    // per-tensor temporaries. It reads the step count for the bias
+    // corrections from a device tensor; every parameter shares one. It
+    // takes only tensors laid out like their parameter (m and v are).
+    for (torch::Tensor& g : gs) {
+      if (!g.is_contiguous()) g = g.contiguous();
+    }
+    if (!fused_step_.defined() || fused_step_.device() != ps[0].device()) {
+      fused_step_ = torch::zeros({}, ps[0].options());
+    }
+    fused_step_.fill_(static_cast<double>(step_));
+    const std::vector<torch::Tensor> steps(ps.size(), fused_step_);
+    torch::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, b1, b2, options_.weight_decay,
+                         options_.eps, /*amsgrad=*/false, /*maximize=*/false);
+    return;
+  }
+#endif
   if (options_.weight_decay != 0) torch::_foreach_mul_(ps, 1.0 - lr * options_.weight_decay);
   torch::_foreach_mul_(ms, b1);
   torch::_foreach_add_(ms, gs, 1.0 - b1);

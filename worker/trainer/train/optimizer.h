@@ -9,7 +9,9 @@
 // which is torch.optim.AdamW's formula. In 8-bit mode m and v are kept
 // quantised between steps (dequantised, updated in fp32, requantised);
 // tensors smaller than min_8bit_numel keep fp32 states because quantising
-// them saves nothing worth the error.
+// them saves nothing worth the error. fp32 states on CUDA with torch >= 2.1 run
+// torch's fused AdamW kernel (one launch per ~hundred tensors instead of a
+// chain of multi-tensor ops); elsewhere the same formula in multi-tensor ops.
 #ifndef TUNE_WORKER_TRAINER_TRAIN_OPTIMIZER_H_
 #define TUNE_WORKER_TRAINER_TRAIN_OPTIMIZER_H_
 
@@ -71,6 +73,7 @@ class AdamW {
   std::vector<State> states_;
   int64_t step_ = 0;
   mutable torch::Tensor signed_code_, unsigned_code_;
+  torch::Tensor fused_step_;  // fp32 step count on the device (torch >= 2.1 fused CUDA update)
 };
 
 }  // namespace tune::train
