@@ -143,10 +143,9 @@ TEST_F(FusedOpsGpuTest, OpsMatchTorchPath) {
   EXPECT_LT(RelErr(dh_f, dh_t), 2e-2);
 }
 
-// The tiny preset with random bf16 weights, NF4 base and LoRA (r 8) on every
-// linear with nonzero B, on the GPU.
-std::shared_ptr<LlamaForCausalLM> TinyNf4Model() {
-  LlamaConfig c = PresetConfig("tiny");
+// The tiny preset (or `c`) with random bf16 weights, NF4 base and LoRA (r 8)
+// on every linear with nonzero B, on the GPU.
+std::shared_ptr<LlamaForCausalLM> TinyNf4Model(const LlamaConfig& c = PresetConfig("tiny")) {
   torch::manual_seed(3);
   auto get = [&](const std::string& name) -> torch::Tensor {
     const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
@@ -272,6 +271,63 @@ TEST_F(FusedOpsGpuTest, FoldedLoraAndSwiGluBackwardWithForwardRun) {
   EXPECT_EQ(CountContaining(node, "SwiGluBwdKernel<8, true"), layers);
   EXPECT_EQ(CountContaining(node, "SwiGluBwdKernel<8, false"), 0);
   EXPECT_EQ(CountContaining(node, "SwiGluFwdKernel"), layers);
+  m->SetGradientCheckpointing(false);
+}
+
+// Selective recompute on a sequence longer than kKeepAttentionOutputAbove:
+// each layer keeps cuDNN's attention output from its first pass, so the
+// recompute runs no attention forward (one per layer in the step instead of
+// two), and loss and LoRA gradients match whole-layer checkpointing, which
+// runs the same cuDNN kernels. At the threshold selective keeps the residual
+// after attention as before.
+TEST_F(FusedOpsGpuTest, SelectiveKeepsAttentionOutputOnLongSequences) {
+  if (!ops::PreferCudnnAttention()) GTEST_SKIP() << "torch < 2.6: no cuDNN attention";
+  LlamaConfig c = PresetConfig("tiny");
+  c.hidden_size = 256;  // head size 64, as cuDNN attention and Llama use
+  c.head_dim = 64;
+  c.intermediate_size = 512;
+  auto m = TinyNf4Model(c);
+  const int layers = c.num_hidden_layers;
+  const std::string fwd = "aten::_scaled_dot_product_cudnn_attention", bwd = fwd + "_backward";
+  auto count = [](const std::map<std::string, int>& events, const std::string& name) {
+    auto it = events.find(name);
+    return it == events.end() ? 0 : it->second;
+  };
+  for (const int64_t T : {kKeepAttentionOutputAbove + 40, kKeepAttentionOutputAbove}) {
+    SCOPED_TRACE("T " + std::to_string(T));
+    TinyBatch b(c, T);
+    struct Result {
+      double loss = 0;
+      std::vector<torch::Tensor> grads;
+      std::map<std::string, int> events;
+    };
+    auto run = [&](bool selective) {
+      m->SetGradientCheckpointing(true);
+      m->SetSelectiveRecompute(selective);
+      for (auto& [n, p] : m->LoraParameters()) p.mutable_grad().reset();
+      Result r;
+      r.events = EventsRun([&] {
+        torch::Tensor loss = m->LossSum(m->ForwardHidden(b.ids, b.pos), b.labels, 1024);
+        loss.backward();
+        r.loss = loss.item<double>();
+      });
+      for (auto& [n, p] : m->LoraParameters()) r.grads.push_back(p.grad().clone());
+      return r;
+    };
+    const Result on = run(false), sel = run(true);
+    const bool keeps = T > kKeepAttentionOutputAbove;
+    std::printf("T %ld: cuDNN attention forwards %d (on) / %d (selective), backwards %d / %d; loss %.6f / %.6f\n",
+                static_cast<long>(T), count(on.events, fwd), count(sel.events, fwd), count(on.events, bwd),
+                count(sel.events, bwd), on.loss, sel.loss);
+    EXPECT_EQ(count(on.events, fwd), 2 * layers);
+    EXPECT_EQ(count(sel.events, fwd), keeps ? layers : 2 * layers);
+    EXPECT_EQ(count(on.events, bwd), layers);
+    EXPECT_EQ(count(sel.events, bwd), layers);
+    EXPECT_NEAR(sel.loss, on.loss, 1e-5 * std::abs(on.loss));
+    auto names = m->LoraParameters();
+    for (size_t i = 0; i < on.grads.size(); ++i) EXPECT_LT(RelErr(sel.grads[i], on.grads[i]), 2e-2) << names[i].first;
+  }
+  m->SetSelectiveRecompute(false);
   m->SetGradientCheckpointing(false);
 }
 

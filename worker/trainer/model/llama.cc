@@ -814,7 +814,7 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
 
 torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                                               const torch::Tensor& sin, const torch::Tensor& segment_ids,
-                                              bool root_only) {
+                                              bool root_only, const c10::intrusive_ptr<ops::KeptAttention>& kept) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
   const std::vector<const LinearWithLora*> qkv = {&layer.q_proj, &layer.k_proj, &layer.v_proj};
@@ -840,7 +840,8 @@ torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::
   k = ops::ApplyRope(k, cos, sin);
   // SDPA picks cuDNN for this layout and for all-contiguous or all-[B, T,
   // heads, d] inputs alike, at the same speed (bench/sdpa_backends.py --layouts).
-  torch::Tensor a = ops::Attention(q, k, v.contiguous(), segment_ids);
+  torch::Tensor a = kept ? ops::AttentionKeepingOutput(q, k, v.contiguous(), kept)
+                        : ops::Attention(q, k, v.contiguous(), segment_ids);
   a = a.transpose(1, 2).reshape({B, T, hq * d});
   return layer.o_proj.Forward(a, training_, /*residual=*/x, root_only);
 }
@@ -886,11 +887,12 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
 
 torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                                              const torch::Tensor& sin, const torch::Tensor& segment_ids,
-                                             bool root_only) {
+                                             bool root_only, const c10::intrusive_ptr<ops::KeptAttention>& kept) {
   // With checkpointing the MLP runs as its node, so the recompute (root_only)
   // skips its forward: the node's backward recomputes gate/up itself and
   // never needs down's output.
-  return MlpHalf(layer, AttentionHalf(layer, x, cos, sin, segment_ids), /*as_node=*/checkpointing_, root_only);
+  return MlpHalf(layer, AttentionHalf(layer, x, cos, sin, segment_ids, /*root_only=*/false, kept),
+                 /*as_node=*/checkpointing_, root_only);
 }
 
 bool LlamaForCausalLM::embedding_on_host() const { return embed_.is_cpu() && !opts_.device.is_cpu(); }
@@ -935,6 +937,9 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
   // Selective: only the attention half is checkpointed; the MLP node keeps
   // its input instead (MlpFunction), so its output GEMM is never recomputed.
   const bool selective = checkpoint && selective_ && !offloader && MlpNodeApplies();
+  // Long sequences: keep attention's output instead (SetSelectiveRecompute).
+  const bool keep_attention = selective && !seg.defined() && input_ids.size(1) > kKeepAttentionOutputAbove &&
+                              ops::CanKeepAttentionOutput(h, config_.head_dim);
   auto lora_leaves = [](DecoderLayer& layer, bool attention_only) {
     std::vector<torch::Tensor> params;
     for (const auto& mod : LinearModuleNames()) {
@@ -956,6 +961,16 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     // Captured by value: the closures run again during backward, with grad
     // mode on; the weights dequantised then are kept for the backward that
     // follows (t_keep_dense), except with offload, which is for least memory.
+    if (keep_attention) {
+      auto kept = c10::make_intrusive<ops::KeptAttention>();
+      auto fn = [this, lp, cos = cos, sin = sin, seg, kept](const torch::Tensor& x) {
+        const bool recompute = torch::GradMode::is_enabled();
+        KeepDenseScope scope(recompute);
+        return LayerForward(*lp, x, cos, sin, seg, /*root_only=*/recompute, kept);
+      };
+      h = ops::Checkpoint(fn, h, lora_leaves(layer, false));
+      continue;
+    }
     if (selective) {
       auto attention = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
         // In the recompute the output (r) is only the backward's root: the

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "worker/trainer/model/llama_config.h"
+#include "worker/trainer/model/llama_ops.h"
 #include "worker/trainer/model/nf4.h"
 
 namespace tune::model {
@@ -155,6 +156,11 @@ class LlamaForCausalLM : public torch::nn::Module {
   // recompute skips down's forward too, the MLP being the same node there),
   // and the attention recompute skips o_proj's GEMMs: its output is not
   // needed. With LoRA dropout active the layer is checkpointed whole instead.
+  // On sequences longer than kKeepAttentionOutputAbove without packing, where
+  // cuDNN attention runs (ops::CanKeepAttentionOutput), each layer is
+  // checkpointed whole and keeps its attention output instead of the residual
+  // after attention (as many bytes): the recompute runs o_proj but not
+  // attention's forward, the costlier of the two there (llama_config.h).
   void SetSelectiveRecompute(bool on) { selective_ = on; }
   bool selective_recompute() const { return selective_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
@@ -192,11 +198,15 @@ class LlamaForCausalLM : public torch::nn::Module {
   // root_only (a checkpoint's recompute): the output is only the root of the
   // backward, so work that only produces its value is skipped (the MLP
   // node's forward; o_proj's GEMMs when the attention half is the output).
+  // `kept` (selective recompute on long sequences): the attention output
+  // this layer's checkpoint keeps (llama_ops.h AttentionKeepingOutput).
   torch::Tensor LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                             const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false);
+                             const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false,
+                             const c10::intrusive_ptr<ops::KeptAttention>& kept = {});
   // x + o_proj(attention(rope(q/k/v_proj(rmsnorm(x))))).
   torch::Tensor AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                              const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false);
+                              const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false,
+                              const c10::intrusive_ptr<ops::KeptAttention>& kept = {});
   // r + down(swiglu(gate(n), up(n))), n = rmsnorm(r): as one node
   // (llama.cc MlpFunction, in kMlpChunkTokens chunks above kMlpChunkAbove
   // tokens) when `as_node` (checkpointing: selective, or on/offload, where the

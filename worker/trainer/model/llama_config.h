@@ -21,6 +21,17 @@ namespace tune::model {
 inline constexpr int64_t kMlpChunkTokens = 16384;
 inline constexpr int64_t kMlpChunkAbove = 65536;
 
+// Selective recompute on sequences longer than kKeepAttentionOutputAbove:
+// each checkpointed layer keeps its attention output (and the kernel's
+// log-sum-exp) rather than the residual stream after attention, which is as
+// large, so its recompute runs o_proj again instead of attention's forward
+// (llama.cc ForwardHidden, llama_ops.h AttentionKeepingOutput). Per token the
+// attention forward costs ~2 x seq x hidden FLOPs at ~500 TFLOP/s on an H200
+// and o_proj 2 x hidden^2 at ~650: on Llama-3-8B they break even near seq
+// 2,800. It needs cuDNN's fused attention (CUDA, torch >= 2.6, bf16/fp16) and
+// no packing. Here because the torch-free memory planner mirrors it.
+inline constexpr int64_t kKeepAttentionOutputAbove = 4096;
+
 // Bytes of pinned host memory activation offload (offload.cc) holds for a
 // layer input of `bytes`: rounded up to a size class of 1/8 of a power of two
 // (at most 12.5% more), so inputs of nearby lengths share blocks across steps.

@@ -2,11 +2,19 @@
 
 #include <torch/version.h>
 
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <stdexcept>
 
 #include "worker/trainer/model/cuda_ops.h"
+
+// torch's cuDNN attention ops and the SDPA backend order (torch >= 2.6).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+#define TUNE_HAVE_CUDNN_ATTENTION 1
+#else
+#define TUNE_HAVE_CUDNN_ATTENTION 0
+#endif
 
 namespace tune::model::ops {
 namespace {
@@ -15,6 +23,48 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int64_t kIgnoreIndex = -100;
+
+// Set by PreferCudnnAttention: AttentionKeepingOutput calls cuDNN directly,
+// so it runs only where SDPA would pick cuDNN too.
+std::atomic<bool> cudnn_attention_preferred{false};
+
+#if TUNE_HAVE_CUDNN_ATTENTION
+double AttentionScale(const torch::Tensor& q) { return 1.0 / std::sqrt(static_cast<double>(q.size(-1))); }
+int64_t AsInt(int64_t v) { return v; }
+int64_t AsInt(const c10::SymInt& v) { return v.expect_int(); }
+
+// Attention whose forward already ran (a checkpoint's first pass): forward
+// returns the kept output, backward is cuDNN's from the kept log-sum-exp.
+class KeptAttentionFunction : public torch::autograd::Function<KeptAttentionFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, c10::intrusive_ptr<KeptAttention> kept) {
+    // The node takes the output over: saved as its own output (no reference
+    // cycle through `kept`), it lives until this backward.
+    torch::Tensor out = kept->out.detach();
+    kept->out = torch::Tensor();
+    ctx->saved_data["kept"] = c10::IValue::make_capsule(kept);
+    ctx->save_for_backward({q, k, v, out});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto capsule = ctx->saved_data["kept"].toCapsule();
+    const auto* kept = static_cast<const KeptAttention*>(capsule.get());
+    const variable_list s = ctx->get_saved_variables();
+    const torch::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3];
+    torch::Tensor g = grad_out[0];
+    if (!g.defined()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    // cuDNN reads the output's gradient in the output's layout.
+    if (g.strides() != out.strides()) g = torch::empty_strided(out.sizes(), out.strides(), out.options()).copy_(g);
+    auto [dq, dk, dv] = at::_scaled_dot_product_cudnn_attention_backward(
+        g, q, k, v, out, kept->lse, kept->philox_seed, kept->philox_offset, /*attn_bias=*/torch::Tensor(),
+        /*cum_seq_q=*/torch::Tensor(), /*cum_seq_k=*/torch::Tensor(), kept->max_q, kept->max_k, /*dropout_p=*/0.0,
+        /*is_causal=*/true, AttentionScale(q));
+    return {dq, dk, dv, torch::Tensor()};
+  }
+};
+#endif
 
 // Carries a std::function (and the input's stash, if any) through
 // AutogradContext::saved_data (an IValue map).
@@ -208,16 +258,50 @@ torch::Tensor CausalSegmentMask(const torch::Tensor& segment_ids, int64_t T, tor
 }
 
 bool PreferCudnnAttention() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+#if TUNE_HAVE_CUDNN_ATTENTION
   std::vector<int64_t> order{static_cast<int64_t>(at::SDPBackend::cudnn_attention)};
   for (at::SDPBackend b : at::globalContext().sDPPriorityOrder()) {
     if (b != at::SDPBackend::cudnn_attention) order.push_back(static_cast<int64_t>(b));
   }
   at::globalContext().setSDPPriorityOrder(order);
+  cudnn_attention_preferred.store(true);
   return true;
 #else
   return false;
 #endif
+}
+
+bool CanKeepAttentionOutput(const torch::Tensor& x, int64_t head_dim) {
+  return cudnn_attention_preferred.load() && x.is_cuda() &&
+         (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf) && head_dim % 8 == 0 &&
+         head_dim <= 128;
+}
+
+torch::Tensor AttentionKeepingOutput(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                     const c10::intrusive_ptr<KeptAttention>& kept) {
+#if TUNE_HAVE_CUDNN_ATTENTION
+  if (!torch::GradMode::is_enabled()) {
+    try {
+      auto res = at::_scaled_dot_product_cudnn_attention(q, k, v, /*attn_bias=*/std::nullopt,
+                                                         /*compute_log_sumexp=*/true, /*dropout_p=*/0.0,
+                                                         /*is_causal=*/true, /*return_debug_mask=*/false,
+                                                         AttentionScale(q));
+      kept->out = std::get<0>(res);
+      kept->lse = std::get<1>(res);
+      kept->max_q = AsInt(std::get<4>(res));
+      kept->max_k = AsInt(std::get<5>(res));
+      kept->philox_seed = std::get<6>(res);
+      kept->philox_offset = std::get<7>(res);
+      return kept->out;
+    } catch (const c10::Error&) {
+      kept->out = torch::Tensor();  // cuDNN declined: the recompute runs Attention()
+      kept->lse = torch::Tensor();
+    }
+  } else if (kept->out.defined()) {
+    return KeptAttentionFunction::apply(q, k, v, kept);
+  }
+#endif
+  return Attention(q, k, v, torch::Tensor());
 }
 
 torch::Tensor Attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -55,6 +55,33 @@ torch::Tensor Attention(const torch::Tensor& q, const torch::Tensor& k, const to
 // nothing) on older torch.
 bool PreferCudnnAttention();
 
+// The attention output a checkpointed layer keeps for its recompute
+// (selective recompute above model::kKeepAttentionOutputAbove tokens): filled
+// by the layer's first, no-grad pass of AttentionKeepingOutput; the recompute
+// hands `out` over to its autograd node, whose backward reads `lse` and the
+// rest.
+struct KeptAttention : torch::CustomClassHolder {
+  torch::Tensor out, lse, philox_seed, philox_offset;
+  int64_t max_q = 0, max_k = 0;
+};
+
+// Whether AttentionKeepingOutput may run on queries of `head_dim` in x's
+// dtype and device: this process prefers cuDNN attention
+// (PreferCudnnAttention() returned true), x is CUDA bf16/fp16 and head_dim a
+// multiple of 8 up to 128.
+bool CanKeepAttentionOutput(const torch::Tensor& x, int64_t head_dim);
+
+// Causal GQA attention as Attention() without segments, through cuDNN's fused
+// kernel, keeping its output in `kept`. With grad mode off (a checkpoint's
+// first pass) it computes the output and log-sum-exp and stores both; with
+// grad mode on and `kept` filled (the recompute) it returns the stored output
+// without computing, and its backward runs cuDNN's backward from the stored
+// tensors; otherwise it is Attention(). Should cuDNN decline the inputs in
+// the first pass, nothing is kept and the recompute runs Attention().
+// Precondition: CanKeepAttentionOutput(q, q.size(-1)).
+torch::Tensor AttentionKeepingOutput(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                     const c10::intrusive_ptr<KeptAttention>& kept);
+
 // Boolean [B,1,T,T] mask: true where attention is allowed.
 torch::Tensor CausalSegmentMask(const torch::Tensor& segment_ids, int64_t T, torch::Device device);
 

@@ -298,15 +298,27 @@ int64_t LayerActivationBytesPerToken(const PlanInputs& in) {
   return HalfBytesPerToken(in, false) + HalfBytesPerToken(in, true);
 }
 
+bool KeepsAttentionOutput(const PlanInputs& in) {
+  const int64_t d = in.model.head_dim;
+  return in.cuda && in.attention == AttentionKernel::kSdpa && in.ComputeBytes() == 2 && !in.packing &&
+         in.lora_dropout == 0 && d % 8 == 0 && d <= 128 && in.seq_len > model::kKeepAttentionOutputAbove;
+}
+
 int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt) {
-  const int64_t L = in.model.num_hidden_layers;
+  const int64_t L = in.model.num_hidden_layers, cb = in.ComputeBytes();
   switch (EffectiveMode(in, ckpt)) {
     case Checkpointing::kOff: return L * LayerActivationBytesPerToken(in);
     case Checkpointing::kOffload: return 0;
-    case Checkpointing::kSelective: return 2 * L * int64_t{in.model.hidden_size} * in.ComputeBytes();
+    case Checkpointing::kSelective:
+      if (KeepsAttentionOutput(in)) {
+        // The layer input, the attention output and its fp32 log-sum-exp.
+        const int64_t heads = in.model.num_attention_heads;
+        return L * (int64_t{in.model.hidden_size} * cb + heads * in.model.head_dim * cb + heads * 4);
+      }
+      return 2 * L * int64_t{in.model.hidden_size} * cb;
     case Checkpointing::kOn: break;
   }
-  return L * int64_t{in.model.hidden_size} * in.ComputeBytes();
+  return L * int64_t{in.model.hidden_size} * cb;
 }
 
 nlohmann::json Breakdown::ToJson() const {
@@ -365,10 +377,15 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // LoRA matmuls (none when computing in fp32: .to() returns the tensor).
   const int64_t casts_per_layer = cb == 4 ? 0 : cb * LoraParamsPerLayer(in);
   const int64_t layer = LayerActivationBytesPerToken(in) * N;
+  const bool keeps_attention = ckpt == Checkpointing::kSelective && KeepsAttentionOutput(in);
   const int64_t model_saved = SavedActivationBytesPerToken(in, ckpt) * N +
-                              (ckpt == Checkpointing::kOff         ? casts_per_layer * L
-                               : ckpt == Checkpointing::kSelective ? MlpLoraCastBytes(in) * L
-                                                                   : 0);
+                              (ckpt == Checkpointing::kOff                             ? casts_per_layer * L
+                               : ckpt == Checkpointing::kSelective && !keeps_attention ? MlpLoraCastBytes(in) * L
+                                                                                       : 0);
+  // Keeping attention outputs, the layers are checkpointed whole: from here
+  // on the phases are "on"'s (whose recomputed attention output is then
+  // counted once more than it exists, N x heads x head_dim x dtype).
+  if (keeps_attention) ckpt = Checkpointing::kOn;
 
   // Phase A: cross-entropy backward (everything the model saved, the final
   // RMSNorm's fp32 input, the normed hidden states, selected rows + their

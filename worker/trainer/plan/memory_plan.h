@@ -185,8 +185,17 @@ int64_t OptimizerStateBytes(const PlanInputs& in);
 int64_t LayerActivationBytesPerToken(const PlanInputs& in);
 // Bytes kept per token across the whole model between forward and backward:
 // L x LayerActivationBytesPerToken without checkpointing, L x hidden x dtype
-// (the layer inputs) with it, twice that with selective, 0 with offload on CUDA.
+// (the layer inputs) with it, twice that with selective (plus the attention
+// log-sum-exp, fp32 per head, where KeepsAttentionOutput), 0 with offload on
+// CUDA.
 int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt);
+// Whether selective recompute keeps each layer's attention output rather
+// than the residual after attention (model::kKeepAttentionOutputAbove): CUDA,
+// SDPA with grouped heads, 16-bit compute, no packing, no LoRA dropout, a head
+// size cuDNN takes (a multiple of 8 up to 128), sequences over the threshold.
+// The layers are then checkpointed whole, as with "on". (torch 2.5 counts as
+// SDPA here but keeps the residual: a few MiB apart, the LSE.)
+bool KeepsAttentionOutput(const PlanInputs& in);
 
 // Peak composition of one (micro-batch, checkpointing) choice. All bytes.
 struct Breakdown {

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 
 namespace tune::plan {
 namespace {
@@ -288,6 +289,34 @@ TEST(MemoryPlanTest, SelectiveKeepsTwoTensorsPerLayerAndRecomputesTheMlpInANode)
   in.lora_dropout = 0.1;
   EXPECT_EQ(PlanFor(in, 8, Checkpointing::kSelective).peak_allocated,
             PlanFor(in, 8, Checkpointing::kOn).peak_allocated);
+}
+
+// Above model::kKeepAttentionOutputAbove selective keeps each layer's
+// attention output and its fp32 log-sum-exp (32 heads) instead of the
+// residual after attention, and checkpoints whole layers: "on"'s plan plus
+// those bytes in every phase.
+TEST(MemoryPlanTest, SelectiveKeepsAttentionOutputsAboveTheThreshold) {
+  PlanInputs in = Fused8B(8192);
+  ASSERT_TRUE(KeepsAttentionOutput(in));
+  const int64_t per_token = 4096 * 2 + 32 * 4;  // output (32 x 128 bf16) + log-sum-exp, one layer
+  EXPECT_EQ(SavedActivationBytesPerToken(in, Checkpointing::kSelective), 32 * (4096 * 2 + per_token));
+  const int64_t N = 2 * 8192;
+  const Breakdown sel = PlanFor(in, 2, Checkpointing::kSelective), on = PlanFor(in, 2, Checkpointing::kOn);
+  EXPECT_EQ(sel.peak_phase, on.peak_phase);
+  EXPECT_EQ(sel.activations - on.activations, 32 * N * per_token);
+  EXPECT_EQ(sel.transient, on.transient);
+  // Where the model keeps the residual instead: at the threshold, with
+  // packing (segment masks), in fp32, on CPU, with math attention.
+  for (auto change : std::vector<std::function<void(PlanInputs&)>>{
+           [](PlanInputs& p) { p.seq_len = model::kKeepAttentionOutputAbove; },
+           [](PlanInputs& p) { p.packing = true; }, [](PlanInputs& p) { p.precision = "fp32"; },
+           [](PlanInputs& p) { p.cuda = false; }, [](PlanInputs& p) { p.attention = AttentionKernel::kMath; }}) {
+    PlanInputs other = in;
+    change(other);
+    EXPECT_FALSE(KeepsAttentionOutput(other));
+    EXPECT_EQ(SavedActivationBytesPerToken(other, Checkpointing::kSelective),
+              2 * 32 * 4096 * other.ComputeBytes());
+  }
 }
 
 TEST(MemoryPlanTest, LongContextOffloadChunksTheMlp) {
