@@ -68,7 +68,8 @@ Usage:
       Print the memory plan (micro-batch, grad-accum, checkpointing) and the
       predicted peak breakdown for a GPU of N GiB, without a GPU or the
       weights (only the model's config.json is read). Attention defaults to
-      the kernel this build's torch uses. --host-memory-gb: host memory
+      the kernel this build's torch uses; --attention sdpa plans for a torch
+      >= 2.6 (cuDNN attention first, fused AdamW), as on the CUDA host. --host-memory-gb: host memory
       available per rank, which offload plans must also fit (unchecked when
       absent). Exit 1 when nothing fits.
 
@@ -249,6 +250,10 @@ int RunPlan(int argc, char** argv) {
     plan::PlanInputs inputs = plan::InputsFromSpec(cfg.spec, model, precision, static_cast<int>(world),
                                                    /*cuda=*/true, kernel, free_bytes);
     inputs.fused_kernels = fused && precision == "bf16";
+    // --attention sdpa plans for the CUDA host's torch (>= 2.6: cuDNN
+    // attention first, fused AdamW) even from a build with an older one.
+    const bool host_torch = attention == "sdpa";
+    plan::SetTorchBuild(inputs, host_torch ? 2 : TORCH_VERSION_MAJOR, host_torch ? 6 : TORCH_VERSION_MINOR);
     inputs.host_free_bytes = static_cast<int64_t>(host_gb * static_cast<double>(int64_t{1} << 30));
     const plan::MemoryPlan result = plan::ChoosePlan(inputs);
     if (output == "json") {

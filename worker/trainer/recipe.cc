@@ -301,8 +301,7 @@ void Trainer::SetupDevice() {
                         "to train on CPU");
     }
     // TUNE_DISABLE_CUDNN_ATTENTION=1 keeps torch's own order (flash first), for A/B runs.
-    const char* no_cudnn = std::getenv("TUNE_DISABLE_CUDNN_ATTENTION");
-    if (!(no_cudnn != nullptr && std::string(no_cudnn) == "1") && model::ops::PreferCudnnAttention()) {
+    if (plan::PrefersCudnnAttention(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR) && model::ops::PreferCudnnAttention()) {
       LogInfo("attention: SDPA with cuDNN first");
     }
     const int count = static_cast<int>(torch::cuda::device_count());
@@ -480,6 +479,7 @@ void Trainer::PlanMemory() {
   plan_inputs_ = plan::InputsFromSpec(cfg_.spec, config, cfg_.compute_dtype, cfg_.dist.world_size, cfg_.use_cuda,
                                       plan::AttentionFor(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR), free_bytes);
   plan_inputs_.fused_kernels = cfg_.use_cuda && dtype_ == torch::kBFloat16 && model::cuda_ops::Enabled();
+  plan::SetTorchBuild(plan_inputs_, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
   if (cfg_.use_cuda) plan_inputs_.host_free_bytes = host_free_bytes;
   // The longest example bounds every micro-batch's length (Collate pads to it).
   plan_inputs_.seq_len = std::max<int64_t>(1, std::min<int64_t>(longest_example_, cfg_.spec.dataset.max_seq_length));

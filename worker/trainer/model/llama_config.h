@@ -28,7 +28,7 @@ inline constexpr int64_t kMlpChunkAbove = 65536;
 // (llama.cc ForwardHidden, llama_ops.h AttentionKeepingOutput). Per token the
 // attention forward costs ~2 x seq x hidden FLOPs at ~500 TFLOP/s on an H200
 // and o_proj 2 x hidden^2 at ~650: on Llama-3-8B they break even near seq
-// 2,800. It needs cuDNN's fused attention (CUDA, torch >= 2.6, bf16/fp16) and
+// 3,100. It needs cuDNN's fused attention (CUDA, torch >= 2.6, bf16/fp16) and
 // no packing. Here because the torch-free memory planner mirrors it.
 inline constexpr int64_t kKeepAttentionOutputAbove = 4096;
 

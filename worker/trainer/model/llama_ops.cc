@@ -4,8 +4,10 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 
 #include "worker/trainer/model/cuda_ops.h"
 
@@ -25,8 +27,10 @@ using torch::autograd::variable_list;
 constexpr int64_t kIgnoreIndex = -100;
 
 // Set by PreferCudnnAttention: AttentionKeepingOutput calls cuDNN directly,
-// so it runs only where SDPA would pick cuDNN too.
+// so it runs only where SDPA would pick cuDNN too; set once SDPA (or cuDNN
+// itself) declined such inputs, after which nothing is kept.
 std::atomic<bool> cudnn_attention_preferred{false};
+std::atomic<bool> keep_attention_declined{false};
 
 #if TUNE_HAVE_CUDNN_ATTENTION
 double AttentionScale(const torch::Tensor& q) { return 1.0 / std::sqrt(static_cast<double>(q.size(-1))); }
@@ -39,18 +43,19 @@ class KeptAttentionFunction : public torch::autograd::Function<KeptAttentionFunc
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, c10::intrusive_ptr<KeptAttention> kept) {
-    // The node takes the output over: saved as its own output (no reference
-    // cycle through `kept`), it lives until this backward.
+    // The node takes everything over: saved variables (the output as its own,
+    // so no reference cycle), freed when this backward ends; `kept`, which
+    // the checkpoint's closure holds until the whole backward ends, is left
+    // empty.
     torch::Tensor out = kept->out.detach();
-    kept->out = torch::Tensor();
-    ctx->saved_data["kept"] = c10::IValue::make_capsule(kept);
-    ctx->save_for_backward({q, k, v, out});
+    ctx->save_for_backward({q, k, v, out, kept->lse, kept->philox_seed, kept->philox_offset});
+    ctx->saved_data["max_q"] = kept->max_q;
+    ctx->saved_data["max_k"] = kept->max_k;
+    *kept = KeptAttention();
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    auto capsule = ctx->saved_data["kept"].toCapsule();
-    const auto* kept = static_cast<const KeptAttention*>(capsule.get());
     const variable_list s = ctx->get_saved_variables();
     const torch::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3];
     torch::Tensor g = grad_out[0];
@@ -58,9 +63,10 @@ class KeptAttentionFunction : public torch::autograd::Function<KeptAttentionFunc
     // cuDNN reads the output's gradient in the output's layout.
     if (g.strides() != out.strides()) g = torch::empty_strided(out.sizes(), out.strides(), out.options()).copy_(g);
     auto [dq, dk, dv] = at::_scaled_dot_product_cudnn_attention_backward(
-        g, q, k, v, out, kept->lse, kept->philox_seed, kept->philox_offset, /*attn_bias=*/torch::Tensor(),
-        /*cum_seq_q=*/torch::Tensor(), /*cum_seq_k=*/torch::Tensor(), kept->max_q, kept->max_k, /*dropout_p=*/0.0,
-        /*is_causal=*/true, AttentionScale(q));
+        g, q, k, v, out, /*logsumexp=*/s[4], /*philox_seed=*/s[5], /*philox_offset=*/s[6],
+        /*attn_bias=*/torch::Tensor(), /*cum_seq_q=*/torch::Tensor(), /*cum_seq_k=*/torch::Tensor(),
+        ctx->saved_data["max_q"].toInt(), ctx->saved_data["max_k"].toInt(), /*dropout_p=*/0.0, /*is_causal=*/true,
+        AttentionScale(q));
     return {dq, dk, dv, torch::Tensor()};
   }
 };
@@ -272,7 +278,7 @@ bool PreferCudnnAttention() {
 }
 
 bool CanKeepAttentionOutput(const torch::Tensor& x, int64_t head_dim) {
-  return cudnn_attention_preferred.load() && x.is_cuda() &&
+  return cudnn_attention_preferred.load() && !keep_attention_declined.load() && x.is_cuda() &&
          (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf) && head_dim % 8 == 0 &&
          head_dim <= 128;
 }
@@ -281,21 +287,40 @@ torch::Tensor AttentionKeepingOutput(const torch::Tensor& q, const torch::Tensor
                                      const c10::intrusive_ptr<KeptAttention>& kept) {
 #if TUNE_HAVE_CUDNN_ATTENTION
   if (!torch::GradMode::is_enabled()) {
-    try {
-      auto res = at::_scaled_dot_product_cudnn_attention(q, k, v, /*attn_bias=*/std::nullopt,
-                                                         /*compute_log_sumexp=*/true, /*dropout_p=*/0.0,
-                                                         /*is_causal=*/true, /*return_debug_mask=*/false,
-                                                         AttentionScale(q));
-      kept->out = std::get<0>(res);
-      kept->lse = std::get<1>(res);
-      kept->max_q = AsInt(std::get<4>(res));
-      kept->max_k = AsInt(std::get<5>(res));
-      kept->philox_seed = std::get<6>(res);
-      kept->philox_offset = std::get<7>(res);
-      return kept->out;
-    } catch (const c10::Error&) {
-      kept->out = torch::Tensor();  // cuDNN declined: the recompute runs Attention()
-      kept->lse = torch::Tensor();
+    // Only where SDPA itself would run cuDNN on these inputs (it also weighs
+    // the GPU, cuDNN's version and runtime switches) and the backward may be
+    // nondeterministic. Otherwise, or should cuDNN still decline, nothing is
+    // kept, now or later (said once), and the recompute runs Attention().
+    const bool gqa = q.size(1) != k.size(1);
+    std::string declined;
+    if (at::globalContext().deterministicAlgorithms()) {
+      declined = "deterministic algorithms are on";
+    } else if (at::_fused_sdp_choice(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, AttentionScale(q), gqa) !=
+               static_cast<int64_t>(at::SDPBackend::cudnn_attention)) {
+      declined = "SDPA does not pick cuDNN for these inputs";
+    } else {
+      try {
+        auto res = at::_scaled_dot_product_cudnn_attention(q, k, v, /*attn_bias=*/std::nullopt,
+                                                           /*compute_log_sumexp=*/true, /*dropout_p=*/0.0,
+                                                           /*is_causal=*/true, /*return_debug_mask=*/false,
+                                                           AttentionScale(q));
+        kept->out = std::get<0>(res);
+        kept->lse = std::get<1>(res);
+        kept->max_q = AsInt(std::get<4>(res));
+        kept->max_k = AsInt(std::get<5>(res));
+        kept->philox_seed = std::get<6>(res);
+        kept->philox_offset = std::get<7>(res);
+        return kept->out;
+      } catch (const c10::OutOfMemoryError&) {
+        throw;  // the trainer's OOM recovery handles it
+      } catch (const c10::Error& e) {
+        declined = std::string("cuDNN: ") + e.what_without_backtrace();
+      }
+    }
+    *kept = KeptAttention();
+    if (!keep_attention_declined.exchange(true)) {
+      std::fprintf(stderr, "tune-train: selective recompute keeps the residual after attention, not its output (%s)\n",
+                   declined.c_str());
     }
   } else if (kept->out.defined()) {
     return KeptAttentionFunction::apply(q, k, v, kept);

@@ -4,6 +4,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -222,7 +223,7 @@ int64_t OptimizerStateBytes(const PlanInputs& in) {
 namespace {
 
 // AdamW's fp32 denominators, made for every fp32-state tensor at once by the
-// multi-tensor update (train/optimizer.cc).
+// multi-tensor update (train/optimizer.cc; not by torch's fused kernel).
 int64_t AdamDenominatorBytes(const PlanInputs& in) {
   const bool eight_bit = in.optimizer == "adamw_8bit";
   int64_t per_layer = 0;
@@ -298,9 +299,20 @@ int64_t LayerActivationBytesPerToken(const PlanInputs& in) {
   return HalfBytesPerToken(in, false) + HalfBytesPerToken(in, true);
 }
 
+bool PrefersCudnnAttention(int torch_major, int torch_minor) {
+  const char* off = std::getenv("TUNE_DISABLE_CUDNN_ATTENTION");
+  return (torch_major > 2 || (torch_major == 2 && torch_minor >= 6)) && !(off != nullptr && std::string(off) == "1");
+}
+
+void SetTorchBuild(PlanInputs& in, int torch_major, int torch_minor) {
+  in.cudnn_attention = in.cuda && PrefersCudnnAttention(torch_major, torch_minor);
+  in.fused_adamw = in.cuda && (torch_major > 2 || (torch_major == 2 && torch_minor >= 1));
+}
+
 bool KeepsAttentionOutput(const PlanInputs& in) {
   const int64_t d = in.model.head_dim;
-  return in.cuda && in.attention == AttentionKernel::kSdpa && in.ComputeBytes() == 2 && !in.packing &&
+  return in.cuda && in.cudnn_attention && in.attention == AttentionKernel::kSdpa && in.ComputeBytes() == 2 &&
+         !in.packing &&
          in.lora_dropout == 0 && d % 8 == 0 && d <= 128 && in.seq_len > model::kKeepAttentionOutputAbove;
 }
 
@@ -485,7 +497,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   const int64_t bucket = in.world_size > 1 ? std::max<int64_t>(int64_t{25} << 20, 4 * largest_lora) : 0;
 
   // Then the optimizer's denominators (the bucket is gone by then).
-  const int64_t denom = AdamDenominatorBytes(in);
+  const int64_t denom = in.fused_adamw ? 0 : AdamDenominatorBytes(in);
   const int64_t a = ce_act + ce_logits, l = layer_act + layer_transient, o = std::max(bucket, denom);
   if (a >= l && a >= o) {
     b.activations = ce_act;

@@ -30,7 +30,9 @@
 //                  one layer's intermediates while it is recomputed; with
 //                  offload the inputs live in host memory instead (two are
 //                  on the device in backward: the current and the prefetched);
-//                  selective keeps the residual stream after attention too.
+//                  selective keeps the residual stream after attention too
+//                  (on long sequences the attention output and its
+//                  log-sum-exp instead, KeepsAttentionOutput).
 //                  The MLP as one node (llama.cc MlpFunction: selective, or
 //                  more than model::kMlpChunkAbove tokens with checkpointing)
 //                  holds one chunk of its intermediates in backward.
@@ -92,8 +94,10 @@ class PlanError : public std::runtime_error {
 
 // kSelective (model SetSelectiveRecompute): each layer keeps its input and
 // the residual stream after attention; only the attention half and the gate/up
-// projections are recomputed. Never chosen by "auto" (it trades memory for
-// speed only when asked).
+// projections are recomputed. On long sequences (KeepsAttentionOutput) it
+// keeps the attention output instead and recomputes the rest of the layer but
+// not attention's forward. Never chosen by "auto" (it trades memory for speed
+// only when asked).
 enum class Checkpointing { kOff, kOn, kOffload, kSelective };
 const char* CheckpointingName(Checkpointing c);  // "off" | "on" | "offload" | "selective"
 
@@ -160,6 +164,11 @@ struct PlanInputs {
   // input and 1/rms, SwiGLU saves gate and up only, NF4 dequantises straight
   // to bf16, cross-entropy holds one bf16 [chunk, vocab] buffer.
   bool fused_kernels = false;
+  // What the torch build runs (SetTorchBuild): SDPA tries cuDNN first, which
+  // selective's long-sequence mode needs (KeepsAttentionOutput); AdamW's fp32
+  // update is torch's fused kernel, which makes no denominators.
+  bool cudnn_attention = true;
+  bool fused_adamw = false;
   int64_t free_bytes = 0;                // free device memory (CPU: MemAvailable)
   // CUDA: host memory this rank may use (MemAvailable / ranks on the node);
   // offload plans must also fit it. 0 = not checked.
@@ -173,6 +182,14 @@ struct PlanInputs {
 // dtype ("bf16" | "fp16" | "fp32"); seq_len = dataset.max_seq_length.
 PlanInputs InputsFromSpec(const spec::JobSpec& spec, const model::LlamaConfig& model, const std::string& precision,
                           int world_size, bool cuda, AttentionKernel attention, int64_t free_bytes);
+
+// Whether tune-train puts cuDNN first in SDPA on CUDA with this torch
+// (recipe.cc, llama_ops.h PreferCudnnAttention): torch >= 2.6, unless
+// TUNE_DISABLE_CUDNN_ATTENTION=1 (kept for A/B runs).
+bool PrefersCudnnAttention(int torch_major, int torch_minor);
+// Sets cudnn_attention and fused_adamw (torch >= 2.1) for a CUDA plan on this
+// torch (callers pass TORCH_VERSION_MAJOR/MINOR); both false without CUDA.
+void SetTorchBuild(PlanInputs& in, int torch_major, int torch_minor);
 
 // Bytes of the frozen base model as stored (BaseStorageBytes).
 int64_t BaseWeightBytes(const PlanInputs& in);
@@ -191,10 +208,12 @@ int64_t LayerActivationBytesPerToken(const PlanInputs& in);
 int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt);
 // Whether selective recompute keeps each layer's attention output rather
 // than the residual after attention (model::kKeepAttentionOutputAbove): CUDA,
-// SDPA with grouped heads, 16-bit compute, no packing, no LoRA dropout, a head
-// size cuDNN takes (a multiple of 8 up to 128), sequences over the threshold.
-// The layers are then checkpointed whole, as with "on". (torch 2.5 counts as
-// SDPA here but keeps the residual: a few MiB apart, the LSE.)
+// SDPA with grouped heads and cuDNN first, 16-bit compute, no packing, no LoRA
+// dropout, a head size cuDNN takes (a multiple of 8 up to 128), sequences over
+// the threshold. The layers are then checkpointed whole, as with "on". Should
+// cuDNN decline the shapes at run time the model keeps the residual instead,
+// whose plan is smaller (the residual's phases hold less than a whole-layer
+// recompute): this plan errs on the safe side.
 bool KeepsAttentionOutput(const PlanInputs& in);
 
 // Peak composition of one (micro-batch, checkpointing) choice. All bytes.

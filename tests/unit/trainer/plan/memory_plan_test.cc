@@ -105,6 +105,14 @@ TEST(MemoryPlanTest, AdamDenominatorsPeakWhenLoraDwarfsTheActivations) {
   EXPECT_EQ(b.transient, 4 * 1342177280LL);
   EXPECT_EQ(b.activations, 0);
   EXPECT_EQ(b.peak_allocated, b.weights + b.lora + b.optimizer + b.workspace + 4 * 1342177280LL);
+  // torch's fused AdamW (CUDA, torch >= 2.1) makes no denominators either.
+  PlanInputs fused = in;
+  SetTorchBuild(fused, 2, 11);
+  ASSERT_TRUE(fused.fused_adamw);
+  EXPECT_NE(PlanFor(fused, 1, Checkpointing::kOff).peak_phase, "optimizer");
+  SetTorchBuild(fused, 1, 13);
+  EXPECT_FALSE(fused.fused_adamw);
+  EXPECT_FALSE(fused.cudnn_attention);
   // 8-bit AdamW keeps no fp32 state for tensors of 4096 elements or more (all
   // of these): no denominators, so an activation phase is the peak.
   in.optimizer = "adamw_8bit";
@@ -310,7 +318,8 @@ TEST(MemoryPlanTest, SelectiveKeepsAttentionOutputsAboveTheThreshold) {
   for (auto change : std::vector<std::function<void(PlanInputs&)>>{
            [](PlanInputs& p) { p.seq_len = model::kKeepAttentionOutputAbove; },
            [](PlanInputs& p) { p.packing = true; }, [](PlanInputs& p) { p.precision = "fp32"; },
-           [](PlanInputs& p) { p.cuda = false; }, [](PlanInputs& p) { p.attention = AttentionKernel::kMath; }}) {
+           [](PlanInputs& p) { p.cuda = false; }, [](PlanInputs& p) { p.attention = AttentionKernel::kMath; },
+           [](PlanInputs& p) { p.cudnn_attention = false; }}) {
     PlanInputs other = in;
     change(other);
     EXPECT_FALSE(KeepsAttentionOutput(other));
