@@ -128,6 +128,29 @@ TEST(Attention, MatchesNaiveOnOddSizesWithGqaAndPacking) {
   }
 }
 
+// Off the cuDNN path (CPU, fp32) nothing is kept: AttentionKeepingOutput is
+// Attention() in both passes of a checkpoint, with gradients, and `kept`
+// stays empty.
+TEST(Attention, KeepingOutputOffCudnnIsPlainAttention) {
+  torch::manual_seed(4);
+  const int64_t B = 2, hq = 4, hkv = 2, T = 9, d = 8;
+  torch::Tensor q = torch::randn({B, hq, T, d}).requires_grad_(true);
+  torch::Tensor k = torch::randn({B, hkv, T, d}).requires_grad_(true);
+  torch::Tensor v = torch::randn({B, hkv, T, d}).requires_grad_(true);
+  EXPECT_FALSE(CanKeepAttentionOutput(q, d));
+  auto kept = c10::make_intrusive<KeptAttention>();
+  {
+    torch::NoGradGuard no_grad;  // a checkpoint's first pass
+    EXPECT_TRUE(torch::equal(AttentionKeepingOutput(q, k, v, kept), Attention(q, k, v, {})));
+  }
+  EXPECT_FALSE(kept->out.defined());
+  EXPECT_FALSE(kept->lse.defined());
+  torch::Tensor g = torch::randn({B, hq, T, d});
+  auto grads = torch::autograd::grad({AttentionKeepingOutput(q, k, v, kept)}, {q, k, v}, {g});
+  auto want = torch::autograd::grad({Attention(q, k, v, {})}, {q, k, v}, {g});
+  for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(torch::equal(grads[i], want[i])) << i;
+}
+
 TEST(Attention, MaskShape) {
   torch::Tensor seg = torch::tensor({{0, 0, 1}}, torch::kInt64);
   torch::Tensor m = CausalSegmentMask(seg, 3, torch::kCPU);
