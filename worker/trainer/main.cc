@@ -69,9 +69,9 @@ Usage:
       predicted peak breakdown for a GPU of N GiB, without a GPU or the
       weights (only the model's config.json is read). Attention defaults to
       the kernel this build's torch uses; --attention sdpa plans for a torch
-      >= 2.6 (cuDNN attention first, fused AdamW), as on the CUDA host. --host-memory-gb: host memory
-      available per rank, which offload plans must also fit (unchecked when
-      absent). Exit 1 when nothing fits.
+      >= 2.6 (cuDNN attention first, fused AdamW), as on the CUDA host.
+      --host-memory-gb: host memory available per rank, which offload plans
+      must also fit (unchecked when absent). Exit 1 when nothing fits.
 
   tune-train tokenize --tokenizer DIR [--json] [--add-special] [--decode [--skip-special]]
   tune-train render --config job.yaml [--limit N]

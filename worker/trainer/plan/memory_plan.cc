@@ -299,21 +299,27 @@ int64_t LayerActivationBytesPerToken(const PlanInputs& in) {
   return HalfBytesPerToken(in, false) + HalfBytesPerToken(in, true);
 }
 
+namespace {
+bool TorchAtLeast(int major, int minor, int want_major, int want_minor) {
+  return major > want_major || (major == want_major && minor >= want_minor);
+}
+}  // namespace
+
 bool PrefersCudnnAttention(int torch_major, int torch_minor) {
   const char* off = std::getenv("TUNE_DISABLE_CUDNN_ATTENTION");
-  return (torch_major > 2 || (torch_major == 2 && torch_minor >= 6)) && !(off != nullptr && std::string(off) == "1");
+  return TorchAtLeast(torch_major, torch_minor, 2, 6) && !(off != nullptr && std::string(off) == "1");
 }
 
 void SetTorchBuild(PlanInputs& in, int torch_major, int torch_minor) {
   in.cudnn_attention = in.cuda && PrefersCudnnAttention(torch_major, torch_minor);
-  in.fused_adamw = in.cuda && (torch_major > 2 || (torch_major == 2 && torch_minor >= 1));
+  in.fused_adamw = in.cuda && TorchAtLeast(torch_major, torch_minor, 2, 1);
 }
 
 bool KeepsAttentionOutput(const PlanInputs& in) {
   const int64_t d = in.model.head_dim;
   return in.cuda && in.cudnn_attention && in.attention == AttentionKernel::kSdpa && in.ComputeBytes() == 2 &&
-         !in.packing &&
-         in.lora_dropout == 0 && d % 8 == 0 && d <= 128 && in.seq_len > model::kKeepAttentionOutputAbove;
+         !in.packing && in.lora_dropout == 0 && d % 8 == 0 && d <= 128 &&
+         in.seq_len > model::kKeepAttentionOutputAbove;
 }
 
 int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt) {
