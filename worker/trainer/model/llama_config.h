@@ -31,6 +31,8 @@ inline constexpr int64_t kMlpChunkAbove = 65536;
 // 3,100. It needs cuDNN's fused attention (CUDA, torch >= 2.6, bf16/fp16) and
 // no packing. Here because the torch-free memory planner mirrors it.
 inline constexpr int64_t kKeepAttentionOutputAbove = 4096;
+// Head sizes cuDNN's fused attention takes: multiples of 8 up to 128.
+inline constexpr bool CudnnAttentionHeadDim(int64_t head_dim) { return head_dim % 8 == 0 && head_dim <= 128; }
 
 // Bytes of pinned host memory activation offload (offload.cc) holds for a
 // layer input of `bytes`: rounded up to a size class of 1/8 of a power of two

@@ -279,8 +279,7 @@ bool PreferCudnnAttention() {
 
 bool CanKeepAttentionOutput(const torch::Tensor& x, int64_t head_dim) {
   return cudnn_attention_preferred.load() && !keep_attention_declined.load() && x.is_cuda() &&
-         (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf) && head_dim % 8 == 0 &&
-         head_dim <= 128;
+         (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf) && CudnnAttentionHeadDim(head_dim);
 }
 
 torch::Tensor AttentionKeepingOutput(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -316,9 +316,8 @@ void SetTorchBuild(PlanInputs& in, int torch_major, int torch_minor) {
 }
 
 bool KeepsAttentionOutput(const PlanInputs& in) {
-  const int64_t d = in.model.head_dim;
   return in.cuda && in.cudnn_attention && in.attention == AttentionKernel::kSdpa && in.ComputeBytes() == 2 &&
-         !in.packing && in.lora_dropout == 0 && d % 8 == 0 && d <= 128 &&
+         !in.packing && in.lora_dropout == 0 && model::CudnnAttentionHeadDim(in.model.head_dim) &&
          in.seq_len > model::kKeepAttentionOutputAbove;
 }
 
