@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 
@@ -744,10 +745,20 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
     try {
       bool first = true;
       for (const std::vector<int64_t>& micro : MicroBatches(shard, cfg_.batch.micro_batch_size)) {
+        // The RECORD_USER_SCOPEs name the step's phases in --profile-steps
+        // reports (what the host did while the device waited).
         std::vector<ExampleView> rows;
         for (int64_t i : micro) rows.push_back(View(i));
-        MicroBatch mb = Collate(rows, pad_id_, device_, packing);
-        torch::Tensor hidden = model_->ForwardHidden(mb.input_ids, mb.position_ids, mb.segment_ids);
+        MicroBatch mb;
+        {
+          RECORD_USER_SCOPE("tune::collate");
+          mb = Collate(rows, pad_id_, device_, packing);
+        }
+        torch::Tensor hidden;
+        {
+          RECORD_USER_SCOPE("tune::forward");
+          hidden = model_->ForwardHidden(mb.input_ids, mb.position_ids, mb.segment_ids);
+        }
         if (inject_oom && attempt == 1 && first) {
           // faults.oom_at_steps: the error type the CUDA caching allocator
           // throws, raised with the forward's activations alive, so recovery
@@ -756,7 +767,11 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
                                                 std::to_string(step) + ", micro-batch " +
                                                 std::to_string(cfg_.batch.micro_batch_size) + ")");
         }
-        torch::Tensor loss_sum = model_->LossSum(hidden, mb.labels);
+        torch::Tensor loss_sum;
+        {
+          RECORD_USER_SCOPE("tune::loss");
+          loss_sum = model_->LossSum(hidden, mb.labels);
+        }
         if (inject && first) {
           // faults.nan_at_steps: poison the loss so the guard sees what a real
           // numeric blow-up looks like (NaN loss and NaN gradients).
@@ -768,7 +783,11 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
         // more [tokens, hidden] tensor at the peak.
         hidden = torch::Tensor();
         // fp16: scaled so small gradients survive; unscaled after the all-reduce.
-        (loss_sum * (scaler_.scale() / global_supervised)).backward();
+        {
+          RECORD_USER_SCOPE("tune::backward");
+          (loss_sum * (scaler_.scale() / global_supervised)).backward();
+        }
+        RECORD_USER_SCOPE("tune::read_loss");
         local_loss_sum += loss_sum.detach().to(torch::kCPU, torch::kFloat64).item<double>();
       }
     } catch (const c10::Error& e) {
@@ -807,6 +826,7 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
   comm_->AllReduceSumBucketed(grads);
   double grad_norm = 0;
   {
+    RECORD_USER_SCOPE("tune::grad_norm");
     torch::NoGradGuard no_grad;
     // Multi-tensor ops: a few launches for hundreds of LoRA tensors (fp32).
     grad_norm = torch::stack(torch::_foreach_norm(grads, 2)).norm(2).item<double>();
@@ -905,6 +925,7 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
       return true;
     }
   } else {
+    RECORD_USER_SCOPE("tune::optimizer");
     torch::NoGradGuard no_grad;
     const double max_norm = cfg_.spec.training.max_grad_norm;
     if (max_norm > 0) {
@@ -923,6 +944,7 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
 
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   const double tokens_per_s = seconds > 0 ? global_tokens / seconds : 0;
+  RECORD_USER_SCOPE("tune::report");
   const VramStats vram = ReadVram(device_);
   const int log_every = std::max(1, cfg_.spec.training.log_every_steps);
   if (step % log_every == 0 || step == 1 || step == max_steps_ || skipped) {

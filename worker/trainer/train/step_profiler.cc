@@ -70,6 +70,73 @@ int64_t UnionNs(std::vector<std::pair<int64_t, int64_t>> spans) {
   return total;
 }
 
+// Device idle between the profiled window's device intervals (each span
+// [start, end)), how it splits by gap length, and the longest gaps with what
+// ran around them: the kernels on either side and the host ops covering the
+// gap's middle (outermost and innermost), which is what the host was doing
+// while the device waited.
+void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& events, int64_t wall_ns, int top) {
+  std::vector<const ProfiledEvent*> dev, host;
+  for (const auto& e : events) (e.on_device ? dev : host).push_back(&e);
+  if (dev.empty()) return;
+  std::sort(dev.begin(), dev.end(), [](const auto* a, const auto* b) { return a->start_ns < b->start_ns; });
+  struct Gap {
+    int64_t start, ns;
+    const ProfiledEvent *before, *after;
+  };
+  std::vector<Gap> gaps;
+  int64_t origin = dev.front()->start_ns, end = dev.front()->start_ns;
+  for (const auto& e : events) origin = std::min(origin, e.start_ns);  // the window opens with host work
+  const ProfiledEvent* last = nullptr;
+  for (const ProfiledEvent* e : dev) {
+    if (last && e->start_ns > end) gaps.push_back({end, e->start_ns - end, last, e});
+    if (!last || e->start_ns + e->duration_ns > end) {
+      end = std::max(end, e->start_ns + e->duration_ns);
+      last = e;
+    }
+  }
+  const int64_t lead = dev.front()->start_ns - origin, tail = std::max<int64_t>(0, wall_ns - (end - origin));
+  struct Bucket {
+    const char* label;
+    int64_t below_ns, ns = 0, count = 0;
+  };
+  Bucket buckets[] = {{"< 10 us", 10000}, {"10-100 us", 100000}, {"0.1-1 ms", 1000000}, {">= 1 ms", INT64_MAX}};
+  int64_t between = 0;
+  for (const Gap& g : gaps) {
+    between += g.ns;
+    for (Bucket& b : buckets) {
+      if (g.ns < b.below_ns) {
+        b.ns += g.ns;
+        ++b.count;
+        break;
+      }
+    }
+  }
+  o << "\ndevice idle: " << Ms(lead) << " ms before the first kernel, " << Ms(tail) << " ms after the last, "
+    << Ms(between) << " ms in " << gaps.size() << " gaps between kernels:";
+  for (const Bucket& b : buckets) o << "  " << b.label << " " << Ms(b.ns) << " ms (" << b.count << ")";
+  o << "\n";
+  if (gaps.empty()) return;
+  std::sort(gaps.begin(), gaps.end(), [](const Gap& a, const Gap& b) { return a.ns > b.ns; });
+  o << "longest gaps (ms, at ms into the window, kernel before -> kernel after; host ops at the gap's middle, "
+       "outermost > innermost)\n";
+  for (int i = 0; i < static_cast<int>(gaps.size()) && i < top; ++i) {
+    const Gap& g = gaps[i];
+    const int64_t mid = g.start + g.ns / 2;
+    const ProfiledEvent *outer = nullptr, *inner = nullptr;
+    for (const ProfiledEvent* h : host) {
+      if (h->start_ns > mid || h->start_ns + h->duration_ns <= mid) continue;
+      if (!outer || h->duration_ns > outer->duration_ns) outer = h;
+      if (!inner || h->duration_ns < inner->duration_ns) inner = h;
+    }
+    std::string ops = "(no host op recorded)";
+    if (outer) ops = Shorten(outer->name, 50) + (inner != outer ? " > " + Shorten(inner->name, 50) : "");
+    char line[64];
+    std::snprintf(line, sizeof line, "%8s %9s  ", Ms(g.ns).c_str(), Ms(g.start - origin).c_str());
+    o << line << Shorten(g.before->name, 40) << " -> " << Shorten(g.after->name, 40) << "; " << ops << "\n";
+  }
+}
+
 }  // namespace
 
 bool ParseProfileSteps(const std::string& text, int64_t* first, int64_t* last) {
@@ -154,6 +221,7 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
                   static_cast<long long>(a.count));
     o << line << (any_device ? KernelClass(name) + "  " : "") << Shorten(name) << "\n";
   }
+  if (any_device) AppendIdleGaps(o, events, wall_ns, 12);
   return o.str();
 }
 

@@ -6,6 +6,13 @@
 //     the GPU waited on the host (launch overhead, syncs);
 //   * device time by kernel class (GEMM, attention, tune's fused kernels,
 //     other torch kernels, copies) and the kernels with the most total time;
+//   * where the device idled: before the first kernel, after the last, and
+//     between kernels split by gap length (many short gaps: launch-bound;
+//     a few long ones: the host busy or syncing), with the longest gaps, the
+//     kernels on either side and the host ops that covered each gap (the
+//     trainer names its phases tune::collate, tune::forward, tune::loss,
+//     tune::backward, tune::read_loss, tune::grad_norm, tune::optimizer,
+//     tune::report);
 //   * without a GPU, the aten ops with the most inclusive time.
 // Where torch has Kineto (the CUDA wheels), FILE.trace.json holds the Chrome
 // trace as well (chrome://tracing, Perfetto).

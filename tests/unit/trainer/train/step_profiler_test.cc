@@ -37,7 +37,7 @@ TEST(StepProfiler, BusyIsTheUnionOfKernelIntervals) {
       {"nvjet_gemm_a", true, 0, 40000},
       {"tune::kernels::SwiGluFwdKernel", true, 30000, 20000},
       {"nvjet_gemm_a", true, 80000, 10000},
-      {"aten::mm", false, 0, 90000},  // host ops are left out when device events exist
+      {"aten::mm", false, 0, 90000},  // host ops are left out of the kernel tables
   };
   const std::string r = FormatProfileReport(events, 100000, 3, 4, 2);
   EXPECT_NE(r.find("steps 3-4 (2 steps), wall 0.10 ms, 0.05 ms per step"), std::string::npos) << r;
@@ -46,7 +46,37 @@ TEST(StepProfiler, BusyIsTheUnionOfKernelIntervals) {
       << r;
   EXPECT_NE(r.find("GEMM                     0.05   71.4%          2"), std::string::npos) << r;
   EXPECT_NE(r.find("tune kernels             0.02   28.6%          1"), std::string::npos) << r;
-  EXPECT_EQ(r.find("aten::mm"), std::string::npos) << r;
+  // Host ops are not kernels; they only name what covered an idle gap.
+  EXPECT_GT(r.find("aten::mm"), r.find("longest gaps")) << r;
+  EXPECT_NE(r.find("0.03      0.05  tune::kernels::SwiGluFwdKernel -> nvjet_gemm_a; aten::mm"), std::string::npos)
+      << r;
+}
+
+TEST(StepProfiler, IdleGapsAreSplitByLengthAndNamed) {
+  // Window 0-10 ms: host work until 1 ms, kernels 1-3, 3.005-4 (a 5 us gap),
+  // 6-7 (a 2 ms gap while the host runs aten::item > cudaMemcpyAsync) and
+  // 7.05-9 (a 50 us gap); 1 ms idle after the last kernel.
+  const std::vector<ProfiledEvent> events = {
+      {"tune::step_prep", false, 0, 900000},
+      {"gemm_a", true, 1000000, 2000000},
+      {"gemm_b", true, 3005000, 995000},
+      {"aten::item", false, 4200000, 1900000},
+      {"cudaMemcpyAsync", false, 4500000, 1000000},
+      {"swiglu", true, 6000000, 1000000},
+      {"gemm_c", true, 7050000, 1950000},
+  };
+  const std::string r = FormatProfileReport(events, 10000000, 1, 1, 1);
+  EXPECT_NE(r.find("device idle: 1.00 ms before the first kernel, 1.00 ms after the last, 2.06 ms in 3 gaps"),
+            std::string::npos)
+      << r;
+  EXPECT_NE(r.find("< 10 us 0.01 ms (1)  10-100 us 0.05 ms (1)  0.1-1 ms 0.00 ms (0)  >= 1 ms 2.00 ms (1)"),
+            std::string::npos)
+      << r;
+  // The longest gap comes first, at 4 ms, between gemm_b and swiglu, with
+  // the host ops covering its middle (5 ms).
+  EXPECT_NE(r.find("    2.00      4.00  gemm_b -> swiglu; aten::item > cudaMemcpyAsync"), std::string::npos) << r;
+  EXPECT_LT(r.find("gemm_b -> swiglu"), r.find("swiglu -> gemm_c")) << r;
+  EXPECT_NE(r.find("swiglu -> gemm_c; (no host op recorded)"), std::string::npos) << r;
 }
 
 TEST(StepProfiler, HostOpsWithoutADevice) {
