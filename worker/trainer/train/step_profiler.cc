@@ -1,5 +1,6 @@
 #include "worker/trainer/train/step_profiler.h"
 
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/version.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -70,14 +72,21 @@ int64_t UnionNs(std::vector<std::pair<int64_t, int64_t>> spans) {
   return total;
 }
 
-// Device idle between the profiled window's device intervals (each span
-// [start, end)), how it splits by gap length, and the longest gaps with what
-// ran around them: the kernels on either side and the host ops covering the
-// gap's middle (outermost and innermost), which is what the host was doing
-// while the device waited.
-void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& events, int64_t wall_ns, int top) {
+constexpr int kGapRows = 12;  // longest gaps listed
+// Marks the window's start in the profiler's own clock (StepProfiler).
+constexpr char kWindowMarker[] = "tune::profile_window";
+
+// Device idle in the window, whose times count from 0: before the first
+// kernel, after the last, and between kernels (each span [start, end)) split
+// by gap length, with the longest gaps and what ran around them: the kernels
+// on either side and the longest and shortest host ops (on any thread)
+// covering the gap's middle, which is what the host was doing while the
+// device waited.
+void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& events, int64_t wall_ns) {
   std::vector<const ProfiledEvent*> dev, host;
-  for (const auto& e : events) (e.on_device ? dev : host).push_back(&e);
+  for (const auto& e : events) {
+    if (!e.annotation) (e.on_device ? dev : host).push_back(&e);
+  }
   if (dev.empty()) return;
   std::sort(dev.begin(), dev.end(), [](const auto* a, const auto* b) { return a->start_ns < b->start_ns; });
   struct Gap {
@@ -85,8 +94,7 @@ void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& eve
     const ProfiledEvent *before, *after;
   };
   std::vector<Gap> gaps;
-  int64_t origin = dev.front()->start_ns, end = dev.front()->start_ns;
-  for (const auto& e : events) origin = std::min(origin, e.start_ns);  // the window opens with host work
+  int64_t end = dev.front()->start_ns;
   const ProfiledEvent* last = nullptr;
   for (const ProfiledEvent* e : dev) {
     if (last && e->start_ns > end) gaps.push_back({end, e->start_ns - end, last, e});
@@ -95,7 +103,7 @@ void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& eve
       last = e;
     }
   }
-  const int64_t lead = dev.front()->start_ns - origin, tail = std::max<int64_t>(0, wall_ns - (end - origin));
+  const int64_t lead = std::max<int64_t>(0, dev.front()->start_ns), tail = std::max<int64_t>(0, wall_ns - end);
   struct Bucket {
     const char* label;
     int64_t below_ns, ns = 0, count = 0;
@@ -118,9 +126,9 @@ void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& eve
   o << "\n";
   if (gaps.empty()) return;
   std::sort(gaps.begin(), gaps.end(), [](const Gap& a, const Gap& b) { return a.ns > b.ns; });
-  o << "longest gaps (ms, at ms into the window, kernel before -> kernel after; host ops at the gap's middle, "
-       "outermost > innermost)\n";
-  for (int i = 0; i < static_cast<int>(gaps.size()) && i < top; ++i) {
+  o << "longest gaps (ms, at ms into the window, kernel before -> kernel after; the longest > shortest host op "
+       "covering the gap's middle, any thread)\n";
+  for (int i = 0; i < static_cast<int>(gaps.size()) && i < kGapRows; ++i) {
     const Gap& g = gaps[i];
     const int64_t mid = g.start + g.ns / 2;
     const ProfiledEvent *outer = nullptr, *inner = nullptr;
@@ -132,8 +140,8 @@ void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& eve
     std::string ops = "(no host op recorded)";
     if (outer) ops = Shorten(outer->name, 50) + (inner != outer ? " > " + Shorten(inner->name, 50) : "");
     char line[64];
-    std::snprintf(line, sizeof line, "%8s %9s  ", Ms(g.ns).c_str(), Ms(g.start - origin).c_str());
-    o << line << Shorten(g.before->name, 40) << " -> " << Shorten(g.after->name, 40) << "; " << ops << "\n";
+    std::snprintf(line, sizeof line, "%8s %9s  ", Ms(g.ns).c_str(), Ms(g.start).c_str());
+    o << line << Shorten(g.before->name, 60) << " -> " << Shorten(g.after->name, 60) << "; " << ops << "\n";
   }
 }
 
@@ -177,9 +185,9 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
   std::vector<std::pair<int64_t, int64_t>> spans;
   int64_t device_total = 0;
   bool any_device = false;
-  for (const auto& e : events) any_device = any_device || e.on_device;
+  for (const auto& e : events) any_device = any_device || (e.on_device && !e.annotation);
   for (const auto& e : events) {
-    if (e.on_device != any_device) continue;
+    if (e.on_device != any_device || e.annotation) continue;
     Agg& a = by_name[e.name];
     a.ns += e.duration_ns;
     ++a.count;
@@ -221,7 +229,7 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
                   static_cast<long long>(a.count));
     o << line << (any_device ? KernelClass(name) + "  " : "") << Shorten(name) << "\n";
   }
-  if (any_device) AppendIdleGaps(o, events, wall_ns, 12);
+  if (any_device) AppendIdleGaps(o, events, wall_ns);
   return o.str();
 }
 
@@ -264,6 +272,7 @@ void StepProfiler::BeforeStep(int64_t step, bool use_cuda) {
   running_ = true;
   first_run_ = step;
   t0_ns_ = NowNs();
+  { RECORD_USER_SCOPE(kWindowMarker); }  // the window's start in the profiler's clock (Write)
 }
 
 void StepProfiler::AfterStep(int64_t step, bool use_cuda, bool final_step) {
@@ -284,10 +293,14 @@ void StepProfiler::Write(bool use_cuda) {
   done_ = true;
   std::unique_ptr<kp::ProfilerResult> result = kp::disableProfiler();
   std::vector<ProfiledEvent> events;
+  int64_t origin = INT64_MAX, marker = -1;
   for (const auto& e : result->events()) {
     ProfiledEvent p;
     p.name = e.name();
     p.on_device = e.deviceType() != c10::DeviceType::CPU;
+    // libkineto::ActivityType::GPU_USER_ANNOTATION (2 in every libkineto):
+    // torch >= 2 reports each user scope's kernels as one device span.
+    p.annotation = p.on_device && e.activityType() == 2;
 #if TORCH_VERSION_MAJOR >= 2
     p.start_ns = static_cast<int64_t>(e.startNs());
     p.duration_ns = static_cast<int64_t>(e.durationNs());
@@ -295,8 +308,16 @@ void StepProfiler::Write(bool use_cuda) {
     p.start_ns = static_cast<int64_t>(e.startUs()) * 1000;
     p.duration_ns = static_cast<int64_t>(e.durationUs()) * 1000;
 #endif
+    origin = std::min(origin, p.start_ns);
+    if (!p.on_device && p.name == kWindowMarker) {
+      marker = p.start_ns;
+      continue;
+    }
     events.push_back(std::move(p));
   }
+  // Times from the window's start (the marker; else the first event).
+  if (marker >= 0) origin = marker;
+  for (ProfiledEvent& p : events) p.start_ns -= origin;
   std::string report = FormatProfileReport(events, wall, first_run_, last_run_, steps_run_);
   if (first_run_ != first_ || last_run_ != last_) {
     report += "\n(asked for steps " + std::to_string(first_) + "-" + std::to_string(last_) +

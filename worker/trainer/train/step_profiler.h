@@ -29,17 +29,23 @@ namespace tune::train {
 // Parses "A" or "A-B" (1 <= A <= B). Returns false on anything else.
 bool ParseProfileSteps(const std::string& text, int64_t* first, int64_t* last);
 
-// One profiled interval: a device kernel/copy or a host op, times in ns.
+// One profiled interval: a device kernel/copy or a host op, times in ns from
+// the start of the profiled window.
 struct ProfiledEvent {
   std::string name;
   bool on_device = false;
   int64_t start_ns = 0, duration_ns = 0;
+  // A device-side span of a host scope (Kineto's GPU_USER_ANNOTATION: from
+  // the first to the last kernel launched inside a RECORD_USER_SCOPE), not
+  // a kernel: left out of every device figure.
+  bool annotation = false;
 };
 
 // "GEMM", "attention", "tune kernels", "copy" or "other" for a device kernel name.
 std::string KernelClass(const std::string& name);
 
-// The report described above for events recorded over `wall_ns`, which ran
+// The report described above for events recorded over the `wall_ns` window
+// (event times count from its start), which ran
 // `steps` steps numbered first..last (more than last - first + 1 when a
 // rollback redid some).
 std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_t wall_ns, int64_t first,

@@ -55,8 +55,11 @@ TEST(StepProfiler, BusyIsTheUnionOfKernelIntervals) {
 TEST(StepProfiler, IdleGapsAreSplitByLengthAndNamed) {
   // Window 0-10 ms: host work until 1 ms, kernels 1-3, 3.005-4 (a 5 us gap),
   // 6-7 (a 2 ms gap while the host runs aten::item > cudaMemcpyAsync) and
-  // 7.05-9 (a 50 us gap); 1 ms idle after the last kernel.
+  // 7.05-9 (a 50 us gap); 1 ms idle after the last kernel. The device span
+  // of a host scope (Kineto's GPU_USER_ANNOTATION) is no kernel: it neither
+  // fills the gaps it spans nor counts as kernel time.
   const std::vector<ProfiledEvent> events = {
+      {"tune::forward", true, 1000000, 8000000, /*annotation=*/true},
       {"tune::step_prep", false, 0, 900000},
       {"gemm_a", true, 1000000, 2000000},
       {"gemm_b", true, 3005000, 995000},
@@ -77,6 +80,8 @@ TEST(StepProfiler, IdleGapsAreSplitByLengthAndNamed) {
   EXPECT_NE(r.find("    2.00      4.00  gemm_b -> swiglu; aten::item > cudaMemcpyAsync"), std::string::npos) << r;
   EXPECT_LT(r.find("gemm_b -> swiglu"), r.find("swiglu -> gemm_c")) << r;
   EXPECT_NE(r.find("swiglu -> gemm_c; (no host op recorded)"), std::string::npos) << r;
+  EXPECT_NE(r.find("device busy 5.95 ms (59.5% of wall), idle 4.05 ms; kernel + copy time 5.95 ms in 4 launches"), std::string::npos) << r;
+  EXPECT_EQ(r.find("tune::forward"), std::string::npos) << r;
 }
 
 TEST(StepProfiler, HostOpsWithoutADevice) {
