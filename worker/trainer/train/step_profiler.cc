@@ -55,21 +55,37 @@ std::string Shorten(const std::string& name, size_t width = 110) {
   return name.size() <= width ? name : name.substr(0, width - 3) + "...";
 }
 
-// Length of the union of [start, start + duration) intervals.
-int64_t UnionNs(std::vector<std::pair<int64_t, int64_t>> spans) {
-  std::sort(spans.begin(), spans.end());
-  int64_t total = 0, cur_s = 0, cur_e = -1;
-  for (const auto& [s, e] : spans) {
-    if (s > cur_e) {
-      if (cur_e > cur_s) total += cur_e - cur_s;
-      cur_s = s;
-      cur_e = e;
-    } else {
-      cur_e = std::max(cur_e, e);
+// The device's intervals [start, start + duration) swept in start order:
+// their union's length (busy), and the gaps between them, each with the
+// interval that ended last before it and the one that opens after it.
+struct Gap {
+  int64_t start, ns;
+  const ProfiledEvent *before, *after;
+};
+struct DeviceTimeline {
+  int64_t first = 0, end = 0, busy = 0;
+  std::vector<Gap> gaps;
+};
+
+DeviceTimeline Sweep(std::vector<const ProfiledEvent*> dev) {
+  DeviceTimeline t;
+  if (dev.empty()) return t;
+  std::sort(dev.begin(), dev.end(), [](const auto* a, const auto* b) { return a->start_ns < b->start_ns; });
+  t.first = t.end = dev.front()->start_ns;
+  int64_t between = 0;
+  const ProfiledEvent* last = nullptr;
+  for (const ProfiledEvent* e : dev) {
+    if (last && e->start_ns > t.end) {
+      t.gaps.push_back({t.end, e->start_ns - t.end, last, e});
+      between += e->start_ns - t.end;
+    }
+    if (!last || e->start_ns + e->duration_ns > t.end) {
+      t.end = std::max(t.end, e->start_ns + e->duration_ns);
+      last = e;
     }
   }
-  if (cur_e > cur_s) total += cur_e - cur_s;
-  return total;
+  t.busy = t.end - t.first - between;
+  return t;
 }
 
 constexpr int kGapRows = 12;  // longest gaps listed
@@ -77,33 +93,14 @@ constexpr int kGapRows = 12;  // longest gaps listed
 constexpr char kWindowMarker[] = "tune::profile_window";
 
 // Device idle in the window, whose times count from 0: before the first
-// kernel, after the last, and between kernels (each span [start, end)) split
-// by gap length, with the longest gaps and what ran around them: the kernels
-// on either side and the longest and shortest host ops (on any thread)
-// covering the gap's middle, which is what the host was doing while the
-// device waited.
-void AppendIdleGaps(std::ostringstream& o, const std::vector<ProfiledEvent>& events, int64_t wall_ns) {
-  std::vector<const ProfiledEvent*> dev, host;
-  for (const auto& e : events) {
-    if (!e.annotation) (e.on_device ? dev : host).push_back(&e);
-  }
-  if (dev.empty()) return;
-  std::sort(dev.begin(), dev.end(), [](const auto* a, const auto* b) { return a->start_ns < b->start_ns; });
-  struct Gap {
-    int64_t start, ns;
-    const ProfiledEvent *before, *after;
-  };
-  std::vector<Gap> gaps;
-  int64_t end = dev.front()->start_ns;
-  const ProfiledEvent* last = nullptr;
-  for (const ProfiledEvent* e : dev) {
-    if (last && e->start_ns > end) gaps.push_back({end, e->start_ns - end, last, e});
-    if (!last || e->start_ns + e->duration_ns > end) {
-      end = std::max(end, e->start_ns + e->duration_ns);
-      last = e;
-    }
-  }
-  const int64_t lead = std::max<int64_t>(0, dev.front()->start_ns), tail = std::max<int64_t>(0, wall_ns - end);
+// kernel, after the last, and in the timeline's gaps split by length, with
+// the longest gaps and what ran around them: the kernels on either side and
+// the longest and shortest host ops (on any thread) covering the gap's
+// middle, which is what the host was doing while the device waited.
+void AppendIdleGaps(std::ostringstream& o, DeviceTimeline t, const std::vector<const ProfiledEvent*>& host,
+                    int64_t wall_ns) {
+  std::vector<Gap>& gaps = t.gaps;
+  const int64_t lead = std::max<int64_t>(0, t.first), tail = std::max<int64_t>(0, wall_ns - t.end);
   struct Bucket {
     const char* label;
     int64_t below_ns, ns = 0, count = 0;
@@ -182,11 +179,12 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
     int64_t ns = 0, count = 0;
   };
   std::map<std::string, Agg> by_name, by_class;
-  std::vector<std::pair<int64_t, int64_t>> spans;
+  std::vector<const ProfiledEvent*> dev, host;
   int64_t device_total = 0;
   bool any_device = false;
   for (const auto& e : events) any_device = any_device || (e.on_device && !e.annotation);
   for (const auto& e : events) {
+    if (!e.on_device) host.push_back(&e);
     if (e.on_device != any_device || e.annotation) continue;
     Agg& a = by_name[e.name];
     a.ns += e.duration_ns;
@@ -196,8 +194,9 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
     c.ns += e.duration_ns;
     ++c.count;
     device_total += e.duration_ns;
-    spans.emplace_back(e.start_ns, e.start_ns + e.duration_ns);
+    dev.push_back(&e);
   }
+  const DeviceTimeline timeline = Sweep(dev);
   steps = std::max<int64_t>(steps, 1);
   std::ostringstream o;
   o << "tune-train profile: steps " << first << "-" << last << " (" << steps << " step" << (steps > 1 ? "s" : "")
@@ -205,9 +204,9 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
   std::vector<std::pair<std::string, Agg>> rows(by_name.begin(), by_name.end());
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
   if (any_device) {
-    const int64_t busy = UnionNs(spans);
+    const int64_t busy = timeline.busy;
     o << "device busy " << Ms(busy) << " ms (" << Pct(busy, wall_ns) << " of wall), idle " << Ms(wall_ns - busy)
-      << " ms; kernel + copy time " << Ms(device_total) << " ms in " << spans.size() << " launches\n\n";
+      << " ms; kernel + copy time " << Ms(device_total) << " ms in " << dev.size() << " launches\n\n";
     o << "by class                 ms   share   launches\n";
     std::vector<std::pair<std::string, Agg>> classes(by_class.begin(), by_class.end());
     std::sort(classes.begin(), classes.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
@@ -229,7 +228,7 @@ std::string FormatProfileReport(const std::vector<ProfiledEvent>& events, int64_
                   static_cast<long long>(a.count));
     o << line << (any_device ? KernelClass(name) + "  " : "") << Shorten(name) << "\n";
   }
-  if (any_device) AppendIdleGaps(o, events, wall_ns);
+  if (any_device) AppendIdleGaps(o, timeline, host, wall_ns);
   return o.str();
 }
 
