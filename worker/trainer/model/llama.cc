@@ -952,6 +952,9 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     }
     return params;
   };
+  // One block for all layers' kept attention outputs (KeptAttentionSlab).
+  const auto slab = keep_attention ? c10::make_intrusive<ops::KeptAttentionSlab>(static_cast<int64_t>(layers_.size()))
+                                   : c10::intrusive_ptr<ops::KeptAttentionSlab>();
   for (auto& layer : layers_) {
     if (!checkpoint) {
       h = LayerForward(layer, h, cos, sin, seg);
@@ -963,6 +966,8 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     // follows (t_keep_dense), except with offload, which is for least memory.
     if (keep_attention) {
       auto kept = c10::make_intrusive<ops::KeptAttention>();
+      kept->slab = slab;
+      kept->slot = &layer - layers_.data();
       auto fn = [this, lp, cos = cos, sin = sin, seg, kept](const torch::Tensor& x) {
         const bool recompute = torch::GradMode::is_enabled();
         KeepDenseScope scope(recompute);

@@ -44,9 +44,10 @@ class KeptAttentionFunction : public torch::autograd::Function<KeptAttentionFunc
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, c10::intrusive_ptr<KeptAttention> kept) {
     // The node takes everything over: saved variables (the output as its own,
-    // so no reference cycle), freed when this backward ends; `kept`, which
-    // the checkpoint's closure holds until the whole backward ends, is left
-    // empty.
+    // so no reference cycle), released when this backward ends (slab slots
+    // are views: their block is freed after layer 0's backward); `kept`,
+    // which the checkpoint's closure holds until the whole backward ends, is
+    // left empty.
     torch::Tensor out = kept->out.detach();
     ctx->save_for_backward({q, k, v, out, kept->lse, kept->philox_seed, kept->philox_offset});
     ctx->saved_data["max_q"] = kept->max_q;
@@ -282,10 +283,23 @@ bool CanKeepAttentionOutput(const torch::Tensor& x, int64_t head_dim) {
          (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf) && CudnnAttentionHeadDim(head_dim);
 }
 
+torch::Tensor KeptAttentionSlab::Place(const torch::Tensor& t, torch::Tensor& block, int64_t slot) const {
+  // Slots start on 128-element boundaries, as aligned as an allocation would
+  // be for the kernels that read them (cuDNN's backward).
+  const int64_t stride = (t.numel() + 127) / 128 * 128;
+  if (slot < 0 || slot >= layers || !t.is_non_overlapping_and_dense()) return t;
+  if (!block.defined()) block = torch::empty({layers * stride}, t.options());
+  if (block.numel() != layers * stride || block.scalar_type() != t.scalar_type() || block.device() != t.device()) {
+    return t;
+  }
+  return block.as_strided(t.sizes(), t.strides(), slot * stride).copy_(t);
+}
+
 torch::Tensor AttentionKeepingOutput(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                      const c10::intrusive_ptr<KeptAttention>& kept) {
 #if TUNE_HAVE_CUDNN_ATTENTION
   if (!torch::GradMode::is_enabled()) {
+    const double scale = AttentionScale(q);
     // Only where SDPA itself would run cuDNN on these inputs (it also weighs
     // the GPU, cuDNN's version and runtime switches) and the backward may be
     // nondeterministic. Otherwise, or should cuDNN still decline, nothing is
@@ -294,17 +308,21 @@ torch::Tensor AttentionKeepingOutput(const torch::Tensor& q, const torch::Tensor
     std::string declined;
     if (at::globalContext().deterministicAlgorithms()) {
       declined = "deterministic algorithms are on";
-    } else if (at::_fused_sdp_choice(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, AttentionScale(q), gqa) !=
+    } else if (at::_fused_sdp_choice(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, scale, gqa) !=
                static_cast<int64_t>(at::SDPBackend::cudnn_attention)) {
       declined = "SDPA does not pick cuDNN for these inputs";
     } else {
       try {
         auto res = at::_scaled_dot_product_cudnn_attention(q, k, v, /*attn_bias=*/std::nullopt,
                                                            /*compute_log_sumexp=*/true, /*dropout_p=*/0.0,
-                                                           /*is_causal=*/true, /*return_debug_mask=*/false,
-                                                           AttentionScale(q));
+                                                           /*is_causal=*/true, /*return_debug_mask=*/false, scale);
         kept->out = std::get<0>(res);
         kept->lse = std::get<1>(res);
+        if (kept->slab) {
+          KeptAttentionSlab& slab = *kept->slab;
+          kept->out = slab.Place(kept->out, slab.out, kept->slot);
+          kept->lse = slab.Place(kept->lse, slab.lse, kept->slot);
+        }
         kept->max_q = AsInt(std::get<4>(res));
         kept->max_k = AsInt(std::get<5>(res));
         kept->philox_seed = std::get<6>(res);

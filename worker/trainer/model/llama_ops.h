@@ -55,14 +55,35 @@ torch::Tensor Attention(const torch::Tensor& q, const torch::Tensor& k, const to
 // nothing) on older torch.
 bool PreferCudnnAttention();
 
+// One block of memory for what all layers of one forward keep
+// (KeptAttention::slab). Kept outputs allocated one per layer, between each
+// layer's larger transients, can leave holes the caching allocator cannot
+// reuse for those transients (seq 8192 x 2: 2.4 GiB reserved beyond
+// allocated); copied into slots of one block allocated at the first layer
+// (for `layers` slots), they leave none. Costs one device copy of each kept
+// tensor, and cuDNN's output and its copy coexist for a moment. The block
+// lives until layer 0's backward, the last to run, has used its slot.
+struct KeptAttentionSlab : torch::CustomClassHolder {
+  explicit KeptAttentionSlab(int64_t layers) : layers(layers) {}
+  // t's values in slot `slot` of `block` (allocated for `layers` tensors like
+  // t on first use), with t's sizes and strides; t itself when its layout has
+  // gaps or overlaps or does not match the block's.
+  torch::Tensor Place(const torch::Tensor& t, torch::Tensor& block, int64_t slot) const;
+
+  int64_t layers;
+  torch::Tensor out, lse;  // the blocks, flat
+};
+
 // The attention output a checkpointed layer keeps for its recompute
 // (selective recompute above model::kKeepAttentionOutputAbove tokens): filled
 // by the layer's first, no-grad pass of AttentionKeepingOutput; the recompute
 // hands `out` over to its autograd node, whose backward reads `lse` and the
-// rest.
+// rest. With `slab` set, `out` and `lse` are placed in its slot `slot`.
 struct KeptAttention : torch::CustomClassHolder {
   torch::Tensor out, lse, philox_seed, philox_offset;
   int64_t max_q = 0, max_k = 0;
+  c10::intrusive_ptr<KeptAttentionSlab> slab;
+  int64_t slot = 0;
 };
 
 // Whether AttentionKeepingOutput may run on queries of `head_dim` in x's

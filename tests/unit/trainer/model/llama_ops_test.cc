@@ -151,6 +151,36 @@ TEST(Attention, KeepingOutputOffCudnnIsPlainAttention) {
   for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(torch::equal(grads[i], want[i])) << i;
 }
 
+TEST(Attention, SlabPlacesEachLayersTensorInItsSlot) {
+  // Three layers' outputs in the layout cuDNN returns ([B, T, H, d] memory
+  // viewed as [B, H, T, d]) share one block, each in its slot (starting on
+  // a 128-element boundary), with its own sizes and strides and its values.
+  const int64_t B = 2, H = 3, T = 5, d = 4, layers = 3, slot = 128;  // 120 elements, slots of 128
+  KeptAttentionSlab slab(layers);
+  std::vector<torch::Tensor> placed, want;
+  for (int64_t i = 0; i < layers; ++i) {
+    want.push_back(torch::randn({B, T, H, d}).transpose(1, 2));
+    placed.push_back(slab.Place(want.back(), slab.out, i));
+  }
+  ASSERT_EQ(slab.out.numel(), layers * slot);
+  for (int64_t i = 0; i < layers; ++i) {
+    EXPECT_TRUE(torch::equal(placed[i], want[i])) << i;
+    EXPECT_EQ(placed[i].strides(), want[i].strides()) << i;
+    EXPECT_TRUE(placed[i].is_alias_of(slab.out)) << i;
+    EXPECT_EQ(placed[i].storage_offset(), i * slot) << i;
+  }
+  // What cannot share the block is kept as it is: a view with gaps, another
+  // size or dtype, a slot out of range.
+  torch::Tensor gappy = torch::randn({B, H, T, 2 * d}).narrow(3, 0, d);
+  EXPECT_TRUE(slab.Place(gappy, slab.out, 0).is_same(gappy));
+  torch::Tensor other = torch::randn({B, H, T + 1, d});
+  EXPECT_TRUE(slab.Place(other, slab.out, 1).is_same(other));
+  torch::Tensor f64 = want[0].to(torch::kDouble);
+  EXPECT_TRUE(slab.Place(f64, slab.out, 1).is_same(f64));
+  EXPECT_TRUE(slab.Place(want[0], slab.out, layers).is_same(want[0]));
+  EXPECT_TRUE(torch::equal(placed[1], want[1]));  // untouched by the refusals
+}
+
 TEST(Attention, MaskShape) {
   torch::Tensor seg = torch::tensor({{0, 0, 1}}, torch::kInt64);
   torch::Tensor m = CausalSegmentMask(seg, 3, torch::kCPU);
