@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdint>
 
+#include "tune/kernels/gemm.h"
 #include "tune/kernels/linear_cross_entropy.h"
 #include "tune/kernels/nf4.h"
 #include "tune/kernels/rmsnorm.h"
@@ -58,6 +59,11 @@ Status LinearCrossEntropyForwardWithGrad(const LinearCrossEntropyArgs& args, flo
 // scale is a host pointer here.
 Status ScaleBf16Rows(const uint16_t* src, int64_t src_stride, uint16_t* dst, int64_t dst_stride, int64_t rows,
                      int64_t cols, const float* scale);
+
+// Dot products in double, rounded to fp32 (what an fp32 accumulator holds,
+// give or take its summation order), plus the residual, rounded to bf16;
+// workspace is ignored.
+Status GemmResidualBf16(const GemmResidualArgs& args);
 
 }  // namespace tune::kernels::ref
 

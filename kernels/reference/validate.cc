@@ -1,5 +1,7 @@
 #include "kernels/reference/validate.h"
 
+#include <cstdint>
+
 namespace tune::kernels::validate {
 
 Status Nf4(const Nf4View& q, const uint16_t* out) {
@@ -129,6 +131,42 @@ Status ScaleBf16Rows(const void* src, int64_t src_stride, const void* dst, int64
   if (src_stride < cols || dst_stride < cols) return InvalidArgument("scale_bf16_rows: row strides must be >= cols");
   if (src == dst && src_stride != dst_stride) {
     return InvalidArgument("scale_bf16_rows: dst aliasing src needs the same row stride");
+  }
+  return OkStatus();
+}
+
+namespace {
+
+// Whether the bf16 spans of `rows` rows (`cols` wide, `stride` apart) at a and
+// b share an address.
+bool Overlap(const void* a, int64_t a_stride, int64_t a_cols, const void* b, int64_t b_stride, int64_t b_cols,
+             int64_t rows_a, int64_t rows_b) {
+  const auto lo_a = reinterpret_cast<uintptr_t>(a), lo_b = reinterpret_cast<uintptr_t>(b);
+  const uintptr_t hi_a = lo_a + 2 * static_cast<uintptr_t>((rows_a - 1) * a_stride + a_cols);
+  const uintptr_t hi_b = lo_b + 2 * static_cast<uintptr_t>((rows_b - 1) * b_stride + b_cols);
+  return lo_a < hi_b && lo_b < hi_a;
+}
+
+}  // namespace
+
+Status GemmResidual(const GemmResidualArgs& a) {
+  if (a.rows < 0 || a.cols < 0) return InvalidArgument("gemm_residual: rows and cols must be >= 0");
+  if (a.k <= 0) return InvalidArgument("gemm_residual: k must be > 0");
+  if (a.rows == 0 || a.cols == 0) return OkStatus();
+  if (a.x == nullptr || a.w == nullptr || a.residual == nullptr || a.y == nullptr) {
+    return InvalidArgument("gemm_residual: x, w, residual and y must be non-null");
+  }
+  if (a.x_stride < a.k || a.w_stride < a.k) return InvalidArgument("gemm_residual: x_stride and w_stride must be >= k");
+  if (a.y_stride < a.cols) return InvalidArgument("gemm_residual: y_stride must be >= cols");
+  if (a.workspace == nullptr && a.workspace_bytes > 0) {
+    return InvalidArgument("gemm_residual: workspace is null but workspace_bytes > 0");
+  }
+  if (a.y != a.residual && Overlap(a.y, a.y_stride, a.cols, a.residual, a.y_stride, a.cols, a.rows, a.rows)) {
+    return InvalidArgument("gemm_residual: y must be residual itself or not overlap it");
+  }
+  if (Overlap(a.y, a.y_stride, a.cols, a.x, a.x_stride, a.k, a.rows, a.rows) ||
+      Overlap(a.y, a.y_stride, a.cols, a.w, a.w_stride, a.k, a.rows, a.cols)) {
+    return InvalidArgument("gemm_residual: y must not overlap x or w");
   }
   return OkStatus();
 }

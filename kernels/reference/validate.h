@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "tune/kernels/gemm.h"
 #include "tune/kernels/linear_cross_entropy.h"
 #include "tune/kernels/nf4.h"
 #include "tune/kernels/rmsnorm.h"
@@ -27,6 +28,7 @@ Status SwiGlu(const SwiGluShape& shape, const void* a, int64_t a_stride, const v
 Status LinearCrossEntropy(const LinearCrossEntropyArgs& args, bool need_scratch);
 Status ScaleBf16Rows(const void* src, int64_t src_stride, const void* dst, int64_t dst_stride, int64_t rows,
                      int64_t cols, const float* scale);
+Status GemmResidual(const GemmResidualArgs& args);
 
 }  // namespace tune::kernels::validate
 

@@ -3,6 +3,7 @@
 #ifndef TUNE_KERNELS_SRC_COMMON_CUH_
 #define TUNE_KERNELS_SRC_COMMON_CUH_
 
+#include <cublas_api.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -58,6 +59,32 @@ inline Status CudaStatus(cudaError_t err) {
 
 // Status of the launch just made (configuration errors; not the kernel's run).
 inline Status LaunchStatus() { return CudaStatus(cudaGetLastError()); }
+
+// cuBLAS and cuBLASLt share the status type and its strings.
+inline Status CublasStatus(cublasStatus_t st) {
+  if (st == CUBLAS_STATUS_SUCCESS) return OkStatus();
+  return {StatusCode::kCublasError, cublasGetStatusString(st)};
+}
+
+// A library handle (cuBLAS, cuBLASLt) for the current device, one per host
+// thread (handles are not thread-safe), made by create(Handle*) -> Status on
+// first use and never destroyed: the driver reclaims them at exit, when
+// destroying could race the CUDA context's own teardown.
+template <typename Handle, typename Create>
+Status ThreadDeviceHandle(Create create, Handle* out) {
+  constexpr int kMaxDevices = 64;
+  thread_local Handle handles[kMaxDevices] = {};
+  int device = 0;
+  Status s = CudaStatus(cudaGetDevice(&device));
+  if (!s.ok()) return s;
+  if (device < 0 || device >= kMaxDevices) return InvalidArgument("cuBLAS handle: device index above 63");
+  if (handles[device] == nullptr) {
+    s = create(&handles[device]);
+    if (!s.ok()) return s;
+  }
+  *out = handles[device];
+  return OkStatus();
+}
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

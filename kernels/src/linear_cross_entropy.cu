@@ -20,30 +20,13 @@ using detail::Bf16x8;
 using detail::F32ToBf16;
 
 constexpr int kThreads = 512;
-constexpr int kMaxDevices = 64;
+using detail::CublasStatus;
 
-Status CublasStatus(cublasStatus_t st) {
-  if (st == CUBLAS_STATUS_SUCCESS) return OkStatus();
-  return {StatusCode::kCublasError, cublasGetStatusString(st)};
-}
-
-// One handle per host thread and device (cuBLAS handles are not thread-safe);
-// never destroyed: the driver reclaims them at exit, when destroying could
-// race the CUDA context's own teardown.
+// The thread's cuBLAS handle for the current device, bound to `stream`.
 Status HandleFor(cudaStream_t stream, cublasHandle_t* out) {
-  thread_local cublasHandle_t handles[kMaxDevices] = {};
-  int device = 0;
-  Status s = detail::CudaStatus(cudaGetDevice(&device));
+  Status s = detail::ThreadDeviceHandle([](cublasHandle_t* h) { return CublasStatus(cublasCreate(h)); }, out);
   if (!s.ok()) return s;
-  if (device < 0 || device >= kMaxDevices) return InvalidArgument("linear_cross_entropy: device index above 63");
-  if (handles[device] == nullptr) {
-    s = CublasStatus(cublasCreate(&handles[device]));
-    if (!s.ok()) return s;
-  }
-  s = CublasStatus(cublasSetStream(handles[device], stream));
-  if (!s.ok()) return s;
-  *out = handles[device];
-  return OkStatus();
+  return CublasStatus(cublasSetStream(*out, stream));
 }
 
 // Running (max, sum of exp(x - max)) pairs and their merge.

@@ -19,6 +19,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "worker/trainer/model/cuda_ops.h"
@@ -61,6 +62,44 @@ TEST_F(FusedOpsGpuTest, Nf4DequantizeIntoIsBitIdentical) {
     torch::Tensor want = nf4::Dequantize(q, torch::kBFloat16);
     EXPECT_TRUE(torch::equal(got, want)) << "double quant " << dq;
   }
+}
+
+TEST_F(FusedOpsGpuTest, AddMmMatchesTorchAddmm) {
+  torch::manual_seed(3);
+  // A folded projection's input ([x | s xA^T] in one buffer), an odd-sized
+  // one, and one whose x is a column view with rows spaced wider.
+  for (const auto& [n, m, k, pad] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {300, 4096, 4128, 0}, {37, 61, 83, 0}, {64, 128, 256, 16}}) {
+    SCOPED_TRACE(std::to_string(n) + "x" + std::to_string(m) + "x" + std::to_string(k));
+    torch::Tensor x = torch::randn({n, k + pad}, kBf16).narrow(1, 0, k);
+    torch::Tensor w = torch::randn({m, k}, kBf16) / std::sqrt(static_cast<double>(k));
+    torch::Tensor r = torch::randn({n, m}, kBf16);
+    const torch::Tensor r_before = r.clone();
+    ASSERT_TRUE(cuda_ops::AddMmApplies(r, x, w));
+    torch::Tensor got = cuda_ops::AddMm(r, x, w);
+    torch::Tensor want = torch::addmm(r, x, w.t());
+    // Against the fp32 product: one bf16 rounding of an fp32 sum, so within
+    // an ulp of the exact value (1/128 relative) plus the fp32 sums' own
+    // error. torch's bf16 addmm may reduce in lower precision (cuBLAS
+    // split-K), so it is held to the looser bound only.
+    const torch::Tensor exact = torch::addmm(r.to(torch::kFloat32), x.to(torch::kFloat32), w.to(torch::kFloat32).t());
+    const torch::Tensor bound = exact.abs() * (1.0 / 128) + 1e-4;
+    EXPECT_TRUE(((got.to(torch::kFloat32) - exact).abs() <= bound).all().item<bool>())
+        << "max excess " << ((got.to(torch::kFloat32) - exact).abs() - bound).max().item<double>();
+    EXPECT_LE(RelErr(want, exact), 1e-2);
+    EXPECT_TRUE(torch::equal(r, r_before));
+    EXPECT_FALSE(got.is_alias_of(r));
+    TorchPathScope torch_path;
+    EXPECT_FALSE(cuda_ops::AddMmApplies(r, x, w));
+    EXPECT_TRUE(torch::equal(cuda_ops::AddMm(r, x, w), want));
+  }
+  // Layouts it declines (torch::addmm runs): a transposed x, a residual with
+  // rows spaced wider, fp32.
+  torch::Tensor x = torch::randn({40, 32}, kBf16), w = torch::randn({24, 32}, kBf16);
+  torch::Tensor r = torch::randn({40, 24}, kBf16);
+  EXPECT_FALSE(cuda_ops::AddMmApplies(r, torch::randn({32, 40}, kBf16).t(), w));
+  EXPECT_FALSE(cuda_ops::AddMmApplies(torch::randn({40, 30}, kBf16).narrow(1, 0, 24), x, w));
+  EXPECT_FALSE(cuda_ops::AddMmApplies(r.to(torch::kFloat32), x.to(torch::kFloat32), w.to(torch::kFloat32)));
 }
 
 TEST_F(FusedOpsGpuTest, OpsMatchTorchPath) {

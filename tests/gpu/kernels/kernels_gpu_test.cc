@@ -18,6 +18,7 @@
 
 #include "kernels/reference/reference.h"
 #include "tests/unit/kernels/random_bf16.h"
+#include "tune/kernels/gemm.h"
 #include "tune/kernels/linear_cross_entropy.h"
 #include "tune/kernels/nf4.h"
 #include "tune/kernels/rmsnorm.h"
@@ -587,6 +588,100 @@ TEST(KernelsGpuTest, LinearCrossEntropyPerf) {
   const float step0 = sum.Download()[0] / rows;
   std::printf("[perf] linear+CE mean loss %.4f (ln 128256 = %.4f for near-uniform logits)\n", step0,
               std::log(128256.0));
+  ASSERT_CUDA(cudaGetLastError());
+}
+
+// ------------------------------------------------------------ GEMM + residual
+
+struct GemmCase {
+  int64_t rows, cols, k;
+  int64_t x_pad, w_pad, y_pad;  // extra elements per row
+  int64_t offset;               // elements every matrix starts past its buffer's start (1: 2-byte aligned)
+  bool in_place;
+};
+
+void RunGemmResidual(const GemmCase& c) {
+  SCOPED_TRACE(std::to_string(c.rows) + "x" + std::to_string(c.cols) + "x" + std::to_string(c.k) + " pads " +
+               std::to_string(c.x_pad) + "/" + std::to_string(c.w_pad) + "/" + std::to_string(c.y_pad) + " offset " +
+               std::to_string(c.offset) + (c.in_place ? " in place" : ""));
+  const int64_t xs = c.k + c.x_pad, ws = c.k + c.w_pad, ys = c.cols + c.y_pad;
+  const auto x = RandomBf16(c.offset + c.rows * xs, 51);
+  const auto w = RandomBf16(c.offset + c.cols * ws, 52, 1.0f / std::sqrt(static_cast<float>(c.k)));
+  const auto r = RandomBf16(c.offset + c.rows * ys, 53);
+  constexpr uint16_t kSentinel = 0xabcd;
+  DeviceBuffer<uint16_t> d_x(x), d_w(w), d_r(r), d_y(std::vector<uint16_t>(c.offset + c.rows * ys, kSentinel));
+  DeviceBuffer<uint8_t> d_ws(kGemmWorkspaceBytes);
+  GemmResidualArgs a;
+  a.x = d_x.get() + c.offset, a.x_stride = xs, a.w = d_w.get() + c.offset, a.w_stride = ws;
+  a.residual = d_r.get() + c.offset, a.y = (c.in_place ? d_r.get() : d_y.get()) + c.offset, a.y_stride = ys;
+  a.rows = c.rows, a.cols = c.cols, a.k = c.k, a.workspace = d_ws.get(), a.workspace_bytes = kGemmWorkspaceBytes;
+  ASSERT_KOK(GemmResidualBf16(a, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  GemmResidualArgs ha = a;
+  std::vector<uint16_t> want(c.offset + c.rows * ys, kSentinel);
+  ha.x = x.data() + c.offset, ha.w = w.data() + c.offset, ha.residual = r.data() + c.offset;
+  ha.y = want.data() + c.offset, ha.workspace = nullptr, ha.workspace_bytes = 0;
+  ASSERT_KOK(ref::GemmResidualBf16(ha));
+  // fp32 accumulation in cuBLAS's order vs the reference's double sum rounded
+  // to fp32 can flip the final bf16 rounding (1 ulp); where the residual
+  // cancels the product, the fp32 sum's own error (growing with k) is what
+  // remains.
+  const auto got = (c.in_place ? d_r : d_y).Download();
+  ExpectBf16Near(got, want, RowPositions(c.rows, c.cols, ys, c.offset), 1.0, 1e-6 + 3e-8 * c.k, "gemm + residual");
+  if (!c.in_place) {  // nothing but y's rows written, the residual untouched
+    for (int64_t e = 0; e < c.offset + c.rows * ys; ++e) {
+      const bool in_y = e >= c.offset && (e - c.offset) % ys < c.cols;
+      if (!in_y) {
+        ASSERT_EQ(got[e], kSentinel) << e;
+      }
+    }
+    EXPECT_EQ(d_r.Download(), r);
+  }
+}
+
+TEST(KernelsGpuTest, GemmResidualMatchesReference) {
+  RunGemmResidual({127, 257, 1031, 0, 0, 0, 0, false});   // odd sizes (2-byte aligned rows)
+  RunGemmResidual({1, 1, 1, 0, 0, 0, 0, false});
+  RunGemmResidual({64, 96, 128, 8, 16, 24, 0, false});    // strided, 16-byte aligned
+  RunGemmResidual({33, 40, 72, 3, 5, 1, 1, false});       // strided and unaligned
+  RunGemmResidual({200, 128, 4128, 0, 0, 0, 0, false});   // a folded projection's K (4096 + r 32)
+  RunGemmResidual({45, 77, 300, 2, 0, 6, 0, true});       // in place over the residual
+  GemmResidualArgs bad;
+  bad.rows = 2, bad.cols = 2, bad.k = 2;
+  EXPECT_EQ(GemmResidualBf16(bad, nullptr).code, StatusCode::kInvalidArgument);
+}
+
+TEST(KernelsGpuTest, GemmResidualPerf) {
+  // The two residual projections of a Llama-3-8B layer at 16k tokens: o
+  // (4096 -> 4096) and down (14336 -> 4096). Out of place (what the trainer
+  // runs) against in place plus the copy torch::addmm makes first.
+  for (const int64_t k : {int64_t{4096}, int64_t{14336}}) {
+    const int64_t rows = 16384, cols = 4096;
+    DeviceBuffer<uint16_t> x(RandomBf16(rows * k, 1)), w(RandomBf16(cols * k, 2, 0.01f)), r(RandomBf16(rows * cols, 3)),
+        y(rows * cols);
+    DeviceBuffer<uint8_t> ws(kGemmWorkspaceBytes);
+    GemmResidualArgs a;
+    a.x = x.get(), a.x_stride = k, a.w = w.get(), a.w_stride = k, a.residual = r.get(), a.y = y.get();
+    a.y_stride = cols, a.rows = rows, a.cols = cols, a.k = k, a.workspace = ws.get();
+    a.workspace_bytes = kGemmWorkspaceBytes;
+    ASSERT_KOK(GemmResidualBf16(a, nullptr));
+    const double flops = 2.0 * rows * cols * k;
+    const std::string what = "gemm + residual 16384x4096, K " + std::to_string(k);
+    Status last;
+    ReportFlops((what + " (epilogue)").c_str(), flops, TimeMs([&] { last = GemmResidualBf16(a, nullptr); }));
+    ASSERT_KOK(last);
+    GemmResidualArgs in_place = a;
+    in_place.residual = y.get();
+    const double copy_ms = TimeMs([&] {
+      cudaMemcpyAsync(y.get(), r.get(), rows * cols * 2, cudaMemcpyDeviceToDevice, nullptr);
+    });
+    const double both_ms = TimeMs([&] {
+      cudaMemcpyAsync(y.get(), r.get(), rows * cols * 2, cudaMemcpyDeviceToDevice, nullptr);
+      GemmResidualBf16(in_place, nullptr);
+    });
+    ReportFlops((what + " (copy, then in place)").c_str(), flops, both_ms);
+    ReportBandwidth("  of which the residual copy", 2.0 * rows * cols * 2, copy_ms);
+  }
   ASSERT_CUDA(cudaGetLastError());
 }
 

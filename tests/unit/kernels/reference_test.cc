@@ -273,6 +273,47 @@ TEST(SwiGluRefTest, KnownValuesAndFiniteDifferences) {
   }
 }
 
+TEST(GemmResidualRefTest, KnownValuesStridesInPlaceAndBadArguments) {
+  // x [2, 3] in rows of 4, w [2, 3] in rows of 5, residual/y [2, 2] in rows of 3.
+  auto bf = [](std::vector<float> v) {
+    std::vector<uint16_t> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = FloatToBf16(v[i]);
+    return out;
+  };
+  const auto x = bf({1, 2, 3, 99, -1, 0.5f, 4, 99});
+  const auto w = bf({1, 0, 2, 99, 99, 0, 1, -1, 99, 99});
+  auto r = bf({10, 20, 99, 0.25f, -0.5f, 99});
+  std::vector<uint16_t> y(6, FloatToBf16(7));
+  GemmResidualArgs a;
+  a.x = x.data(), a.x_stride = 4, a.w = w.data(), a.w_stride = 5, a.residual = r.data(), a.y = y.data();
+  a.y_stride = 3, a.rows = 2, a.cols = 2, a.k = 3;
+  ASSERT_TRUE(GemmResidualBf16(a).ok());
+  // Row 0: x.w0 = 1 + 6 = 7, x.w1 = 2 - 3 = -1; row 1: -1 + 8 = 7, 0.5 - 4 = -3.5.
+  const std::vector<float> want = {17, 19, 7, 7.25f, -4, 7};
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(Bf16ToFloat(y[i]), want[i]) << i;  // the gap column untouched
+  // In place: y is the residual.
+  a.y = r.data();
+  ASSERT_TRUE(GemmResidualBf16(a).ok());
+  for (int i : {0, 1, 3, 4}) EXPECT_EQ(Bf16ToFloat(r[i]), want[i]) << i;
+  // Bad arguments name what is wrong.
+  GemmResidualArgs bad = a;
+  bad.k = 0;
+  EXPECT_NE(std::string(GemmResidualBf16(bad).message).find("k must be"), std::string::npos);
+  bad = a, bad.x_stride = 2;
+  EXPECT_NE(std::string(GemmResidualBf16(bad).message).find("x_stride"), std::string::npos);
+  bad = a, bad.y_stride = 1;
+  EXPECT_NE(std::string(GemmResidualBf16(bad).message).find("y_stride"), std::string::npos);
+  bad = a, bad.residual = nullptr;
+  EXPECT_EQ(GemmResidualBf16(bad).code, StatusCode::kInvalidArgument);
+  bad = a, bad.y = r.data() + 1;  // overlaps the residual without being it
+  EXPECT_NE(std::string(GemmResidualBf16(bad).message).find("overlap"), std::string::npos);
+  std::vector<uint16_t> xy = x;  // y over x
+  bad = a, bad.x = xy.data(), bad.y = xy.data(), bad.residual = r.data();
+  EXPECT_NE(std::string(GemmResidualBf16(bad).message).find("not overlap x or w"), std::string::npos);
+  bad = a, bad.workspace_bytes = 16;
+  EXPECT_NE(std::string(GemmResidualBf16(bad).message).find("workspace"), std::string::npos);
+}
+
 // Contiguous rows of hidden [labels.size(), hidden_dim] and weight [vocab, hidden_dim].
 LinearCrossEntropyArgs CeArgs(const std::vector<uint16_t>& h, const std::vector<uint16_t>& w,
                               const std::vector<int64_t>& labels, int64_t hidden_dim) {

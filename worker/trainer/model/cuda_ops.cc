@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 
+#include "tune/kernels/gemm.h"
 #include "tune/kernels/linear_cross_entropy.h"
 #include "tune/kernels/nf4.h"
 #include "tune/kernels/rmsnorm.h"
@@ -439,6 +440,46 @@ torch::Tensor Nf4DequantizeInto(const nf4::Nf4Tensor&, const torch::Tensor&) {
 void Nf4DequantizeIntoRows(const nf4::Nf4Tensor& q, const torch::Tensor& out) { Nf4DequantizeInto(q, out); }
 
 #endif  // TUNE_HAVE_FUSED_KERNELS
+
+bool AddMmApplies(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w) {
+#ifdef TUNE_HAVE_FUSED_KERNELS
+  const bool grad = torch::GradMode::is_enabled() &&
+                    (residual.requires_grad() || x.requires_grad() || w.requires_grad());
+  return Enabled() && !grad && IsCudaBf16(residual) && IsCudaBf16(x) && IsCudaBf16(w) && x.dim() == 2 &&
+         w.dim() == 2 && residual.dim() == 2 && x.size(1) == w.size(1) && residual.size(0) == x.size(0) &&
+         residual.size(1) == w.size(0) && x.size(1) > 0 && x.stride(1) == 1 && w.stride(1) == 1 &&
+         residual.stride(1) == 1 && (residual.size(0) <= 1 || residual.stride(0) == residual.size(1)) &&
+         (x.size(0) <= 1 || x.stride(0) >= x.size(1)) && (w.size(0) <= 1 || w.stride(0) >= w.size(1)) &&
+         x.device() == residual.device() && w.device() == residual.device();
+#else
+  return false;
+#endif
+}
+
+torch::Tensor AddMm(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w) {
+#ifdef TUNE_HAVE_FUSED_KERNELS
+  if (AddMmApplies(residual, x, w)) {
+    c10::cuda::CUDAGuard guard(x.device());
+    const int64_t n = x.size(0), m = w.size(0), kk = x.size(1);
+    torch::Tensor y = torch::empty({n, m}, residual.options());
+    // From the caching allocator, on the stream the GEMM runs on, so it is
+    // reused (not freed) once this call returns.
+    torch::Tensor ws = torch::empty({static_cast<int64_t>(k::kGemmWorkspaceBytes)}, x.options().dtype(torch::kUInt8));
+    k::GemmResidualArgs a;
+    a.x = Bf16(x), a.x_stride = n > 1 ? x.stride(0) : kk;
+    a.w = Bf16(w), a.w_stride = m > 1 ? w.stride(0) : kk;
+    a.residual = Bf16(residual), a.y = Bf16Mut(y), a.y_stride = m;
+    a.rows = n, a.cols = m, a.k = kk;
+    a.workspace = ws.data_ptr(), a.workspace_bytes = k::kGemmWorkspaceBytes;
+    const k::Status s = k::GemmResidualBf16(a, Stream(x));
+    if (s.code != k::StatusCode::kUnsupported) {
+      Check(s, "gemm + residual");
+      return y;
+    }
+  }
+#endif
+  return torch::addmm(residual, x, w.t());
+}
 
 torch::Tensor SwiGluHalves(const torch::Tensor& gu) {
 #ifdef TUNE_HAVE_FUSED_KERNELS

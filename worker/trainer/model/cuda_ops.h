@@ -62,6 +62,16 @@ bool SwiGluBackwardWithForwardApplies(const torch::Tensor& t);
 std::pair<torch::Tensor, torch::Tensor> SwiGluHalvesBackwardWithForward(const torch::Tensor& gu,
                                                                         const torch::Tensor& dh, bool in_place);
 
+// residual + x w^T for 2-D x [N, K], w [M, K], residual [N, M] without
+// autograd (inside a node's forward). On CUDA bf16 with contiguous rows the
+// GEMM reads the residual in its epilogue (kernels/gemm.h) instead of
+// torch::addmm's copy of it into the output first (a [N, M] read and write per
+// call); otherwise, or when cuBLASLt offers no algorithm for the layout,
+// torch::addmm. Always returns a new [N, M] tensor. AddMmApplies: whether the
+// epilogue path is tried.
+torch::Tensor AddMm(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w);
+bool AddMmApplies(const torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& w);
+
 // Dequantises q into `scratch` (bf16, contiguous, on q's CUDA device, at least
 // q.numel elements; reused across weights so no per-call allocation happens)
 // and returns a view of it with q.shape. Bit-identical to

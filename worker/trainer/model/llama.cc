@@ -212,7 +212,8 @@ bool HasSpareColumns(const torch::Tensor& x, int64_t cols) {
 }
 
 // y = [residual +] x W^T [+ s (x A^T) B^T] for 2-D x without autograd. The
-// LoRA term and the residual are accumulated by the GEMMs themselves (addmm),
+// LoRA term and the residual are accumulated by the GEMMs themselves (addmm_;
+// the residual in the epilogue, cuda_ops::AddMm),
 // or B is folded into the weight (FrozenWeight::Folds), so no [N, out]
 // temporary is written, scaled or added. a/b/residual may be empty.
 // `x_spare`: the caller made x with spare columns for the folded input
@@ -239,14 +240,14 @@ LoraLinearOut LoraLinearForward(const torch::Tensor& x, const torch::Tensor& a, 
     if (scaling != 1.0) xa.mul_(scaling);
     torch::Tensor wide = w.GetFolded(b);
     if (t_keep_dense) w.kept = wide;
-    torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, xc, wide.t()) : xc.mm(wide.t());
+    torch::Tensor y = residual.numel() > 0 ? cuda_ops::AddMm(residual, xc, wide) : xc.mm(wide.t());
     return {y, xa, xc.narrow(1, 0, in)};  // x itself need not outlive this call
   }
   torch::Tensor dense = w.Get(x.scalar_type());
   // Kept for backward only in the layout backward uses (a folding backward
   // builds its own wider copy).
   if (t_keep_dense && w.quantized() && !w.Folds(x, a) && !w.FoldsRows(x, a)) w.kept = dense;
-  torch::Tensor y = residual.numel() > 0 ? torch::addmm(residual, x, dense.t()) : x.mm(dense.t());
+  torch::Tensor y = residual.numel() > 0 ? cuda_ops::AddMm(residual, x, dense) : x.mm(dense.t());
   torch::Tensor xa;
   if (a.numel() > 0) {
     xa = ScaledLoraInput(x, a, scaling);

@@ -387,7 +387,9 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   if (ckpt == Checkpointing::kOffload && !c.tie_word_embeddings) b.weights -= V * H * cb;
   b.lora = 8 * lora_params;  // fp32 params + fp32 grads
   b.optimizer = OptimizerStateBytes(in);
-  b.workspace = in.cuda ? kCublasWorkspaces * kCublasWorkspaceBytes : 0;
+  // The fused path's GEMM + residual (cuda_ops::AddMm) takes one more
+  // workspace of the same size from the caching allocator for each call.
+  b.workspace = in.cuda ? (kCublasWorkspaces + (in.fused_kernels ? 1 : 0)) * kCublasWorkspaceBytes : 0;
   const int64_t persistent = b.weights + b.lora + b.optimizer + b.workspace;
 
   // Compute-dtype copies of LoRA A/B made in every forward and kept by the

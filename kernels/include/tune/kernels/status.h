@@ -13,6 +13,7 @@ enum class StatusCode {
   kInvalidArgument,  // a size, stride, pointer or alignment the contract rules out
   kCudaError,        // a launch or runtime call failed (message: cudaGetErrorString)
   kCublasError,      // a cuBLAS call failed (message: cublasGetStatusString)
+  kUnsupported,      // valid arguments the library offers no algorithm for; nothing ran, another path may
 };
 
 struct Status {
@@ -30,6 +31,7 @@ inline const char* StatusCodeName(StatusCode code) {
     case StatusCode::kInvalidArgument: return "invalid argument";
     case StatusCode::kCudaError: return "CUDA error";
     case StatusCode::kCublasError: return "cuBLAS error";
+    case StatusCode::kUnsupported: return "unsupported";
   }
   return "unknown";
 }
