@@ -66,8 +66,8 @@ TEST_F(FusedOpsGpuTest, Nf4DequantizeIntoIsBitIdentical) {
 
 TEST_F(FusedOpsGpuTest, AddMmMatchesTorchAddmm) {
   torch::manual_seed(3);
-  // A folded projection's input ([x | s xA^T] in one buffer), an odd-sized
-  // one, and one whose x is a column view with rows spaced wider.
+  // K with LoRA columns appended (4096 + 32, as a folding projection's
+  // input), odd sizes, and an x whose rows are spaced wider (a column view).
   for (const auto& [n, m, k, pad] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
            {300, 4096, 4128, 0}, {37, 61, 83, 0}, {64, 128, 256, 16}}) {
     SCOPED_TRACE(std::to_string(n) + "x" + std::to_string(m) + "x" + std::to_string(k));
