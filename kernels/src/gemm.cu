@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <map>
+#include <optional>
 #include <tuple>
 
 #include "kernels/reference/validate.h"
@@ -44,8 +45,9 @@ Status SetPref(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttribut
   return CublasStatus(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
 }
 
-// device, rows, cols, k, strides, alignments, workspace: what the heuristic sees.
-using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t,
+// handle (one per thread and device), rows, cols, k, strides, alignments,
+// workspace: what the heuristic sees.
+using AlgoKey = std::tuple<cublasLtHandle_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t,
                            uint32_t, size_t>;
 
 }  // namespace
@@ -53,9 +55,6 @@ using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int
 Status GemmResidualBf16(const GemmResidualArgs& a, cudaStream_t stream) {
   Status s = validate::GemmResidual(a);
   if (!s.ok() || a.rows == 0 || a.cols == 0) return s;
-  int device = 0;
-  s = detail::CudaStatus(cudaGetDevice(&device));
-  if (!s.ok()) return s;
   cublasLtHandle_t handle;
   s = detail::ThreadDeviceHandle([](cublasLtHandle_t* h) { return CublasStatus(cublasLtCreate(h)); }, &handle);
   if (!s.ok()) return s;
@@ -71,11 +70,12 @@ Status GemmResidualBf16(const GemmResidualArgs& a, cudaStream_t stream) {
 
   const uint32_t align_w = RowAlignment(a.w, a.w_stride), align_x = RowAlignment(a.x, a.x_stride);
   const uint32_t align_r = RowAlignment(a.residual, a.y_stride), align_y = RowAlignment(a.y, a.y_stride);
-  const AlgoKey key{device, a.rows, a.cols, a.k, a.x_stride, a.w_stride, a.y_stride,
+  const AlgoKey key{handle, a.rows, a.cols, a.k, a.x_stride, a.w_stride, a.y_stride,
                     align_x, align_w, align_r, align_y, a.workspace_bytes};
   // Asking the heuristic costs tens of microseconds of host time; a step
-  // repeats the same few shapes hundreds of times.
-  thread_local std::map<AlgoKey, cublasLtMatmulAlgo_t> algos;
+  // repeats the same few shapes hundreds of times. No algorithm (nullopt) is
+  // remembered too.
+  thread_local std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>> algos;
   auto it = algos.find(key);
   if (it == algos.end()) {
     if (!(s = CublasStatus(cublasLtMatmulPreferenceCreate(&d.pref))).ok()) return s;
@@ -93,14 +93,15 @@ Status GemmResidualBf16(const GemmResidualArgs& a, cudaStream_t stream) {
     int found = 0;
     s = CublasStatus(cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.cd, d.cd, d.pref, 1, &result, &found));
     if (!s.ok()) return s;
-    if (found == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
-      return {StatusCode::kUnsupported, "gemm_residual: cuBLASLt offers no algorithm for this shape and alignment"};
-    }
-    it = algos.emplace(key, result.algo).first;
+    const bool usable = found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+    it = algos.emplace(key, usable ? std::optional(result.algo) : std::nullopt).first;
+  }
+  if (!it->second) {
+    return {StatusCode::kUnsupported, "gemm_residual: cuBLASLt offers no algorithm for this shape and alignment"};
   }
   const float alpha = 1.0f, beta = 1.0f;
   return CublasStatus(cublasLtMatmul(handle, d.op, &alpha, a.w, d.a, a.x, d.b, &beta, a.residual, d.cd, a.y, d.cd,
-                                 &it->second, a.workspace, a.workspace_bytes, stream));
+                                 &*it->second, a.workspace, a.workspace_bytes, stream));
 }
 
 }  // namespace tune::kernels
