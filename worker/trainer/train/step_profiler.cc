@@ -63,7 +63,7 @@ struct Gap {
   const ProfiledEvent *before, *after;
 };
 struct DeviceTimeline {
-  int64_t first = 0, end = 0, busy = 0;
+  int64_t first = 0, end = 0, busy = 0, idle_between = 0;  // idle_between: the gaps' total
   std::vector<Gap> gaps;
 };
 
@@ -72,19 +72,18 @@ DeviceTimeline Sweep(std::vector<const ProfiledEvent*> dev) {
   if (dev.empty()) return t;
   std::sort(dev.begin(), dev.end(), [](const auto* a, const auto* b) { return a->start_ns < b->start_ns; });
   t.first = t.end = dev.front()->start_ns;
-  int64_t between = 0;
   const ProfiledEvent* last = nullptr;
   for (const ProfiledEvent* e : dev) {
     if (last && e->start_ns > t.end) {
       t.gaps.push_back({t.end, e->start_ns - t.end, last, e});
-      between += e->start_ns - t.end;
+      t.idle_between += e->start_ns - t.end;
     }
     if (!last || e->start_ns + e->duration_ns > t.end) {
       t.end = std::max(t.end, e->start_ns + e->duration_ns);
       last = e;
     }
   }
-  t.busy = t.end - t.first - between;
+  t.busy = t.end - t.first - t.idle_between;
   return t;
 }
 
@@ -106,9 +105,7 @@ void AppendIdleGaps(std::ostringstream& o, DeviceTimeline t, const std::vector<c
     int64_t below_ns, ns = 0, count = 0;
   };
   Bucket buckets[] = {{"< 10 us", 10000}, {"10-100 us", 100000}, {"0.1-1 ms", 1000000}, {">= 1 ms", INT64_MAX}};
-  int64_t between = 0;
   for (const Gap& g : gaps) {
-    between += g.ns;
     for (Bucket& b : buckets) {
       if (g.ns < b.below_ns) {
         b.ns += g.ns;
@@ -118,7 +115,7 @@ void AppendIdleGaps(std::ostringstream& o, DeviceTimeline t, const std::vector<c
     }
   }
   o << "\ndevice idle: " << Ms(lead) << " ms before the first kernel, " << Ms(tail) << " ms after the last, "
-    << Ms(between) << " ms in " << gaps.size() << " gaps between kernels:";
+    << Ms(t.idle_between) << " ms in " << gaps.size() << " gaps between kernels:";
   for (const Bucket& b : buckets) o << "  " << b.label << " " << Ms(b.ns) << " ms (" << b.count << ")";
   o << "\n";
   if (gaps.empty()) return;
