@@ -888,11 +888,11 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
 
 torch::Tensor LlamaForCausalLM::LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                                              const torch::Tensor& sin, const torch::Tensor& segment_ids,
-                                             bool root_only, const c10::intrusive_ptr<ops::KeptAttention>& kept) {
+                                             bool root_only) {
   // With checkpointing the MLP runs as its node, so the recompute (root_only)
   // skips its forward: the node's backward recomputes gate/up itself and
   // never needs down's output.
-  return MlpHalf(layer, AttentionHalf(layer, x, cos, sin, segment_ids, /*root_only=*/false, kept),
+  return MlpHalf(layer, AttentionHalf(layer, x, cos, sin, segment_ids),
                  /*as_node=*/checkpointing_, root_only);
 }
 
@@ -932,15 +932,18 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
   torch::Tensor h = Embed(input_ids);
   auto [cos, sin] = ops::RopeCosSin(inv_freq_, pos, opts_.compute_dtype);
   const bool checkpoint = checkpointing_ && torch::GradMode::is_enabled();
-  // Offload: layer inputs wait in host memory, copied on a side stream.
-  std::optional<HostOffloader> offloader;
-  if (checkpoint && OffloadsActivations()) offloader.emplace(dev);
+  const bool offload = checkpoint && OffloadsActivations();
   // Selective: only the attention half is checkpointed; the MLP node keeps
   // its input instead (MlpFunction), so its output GEMM is never recomputed.
-  const bool selective = checkpoint && selective_ && !offloader && MlpNodeApplies();
-  // Long sequences: keep attention's output instead (SetSelectiveRecompute).
+  const bool selective = checkpoint && selective_ && !offload && MlpNodeApplies();
+  // Long sequences: the attention output is kept too, and the layer inputs
+  // wait in host memory (SetSelectiveRecompute).
   const bool keep_attention = selective && !seg.defined() && input_ids.size(1) > kKeepAttentionOutputAbove &&
                               ops::CanKeepAttentionOutput(h, config_.head_dim);
+  // Offload, or selective keeping attention outputs: layer inputs wait in
+  // host memory, copied on a side stream.
+  std::optional<HostOffloader> offloader;
+  if (offload || keep_attention) offloader.emplace(dev);
   auto lora_leaves = [](DecoderLayer& layer, bool attention_only) {
     std::vector<torch::Tensor> params;
     for (const auto& mod : LinearModuleNames()) {
@@ -965,27 +968,24 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     // Captured by value: the closures run again during backward, with grad
     // mode on; the weights dequantised then are kept for the backward that
     // follows (t_keep_dense), except with offload, which is for least memory.
-    if (keep_attention) {
-      auto kept = c10::make_intrusive<ops::KeptAttention>();
-      kept->slab = slab;
-      kept->slot = &layer - layers_.data();
-      auto fn = [this, lp, cos = cos, sin = sin, seg, kept](const torch::Tensor& x) {
-        const bool recompute = torch::GradMode::is_enabled();
-        KeepDenseScope scope(recompute);
-        return LayerForward(*lp, x, cos, sin, seg, /*root_only=*/recompute, kept);
-      };
-      h = ops::Checkpoint(fn, h, lora_leaves(layer, false));
-      continue;
-    }
     if (selective) {
-      auto attention = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {
+      c10::intrusive_ptr<ops::KeptAttention> kept;
+      if (keep_attention) {
+        kept = c10::make_intrusive<ops::KeptAttention>();
+        kept->slab = slab;
+        kept->slot = &layer - layers_.data();
+      }
+      auto attention = [this, lp, cos = cos, sin = sin, seg, kept](const torch::Tensor& x) {
         // In the recompute the output (r) is only the backward's root: the
-        // MLP node kept its own r, so o_proj's GEMMs are skipped.
+        // MLP node kept its own r, so o_proj's GEMMs are skipped (and with a
+        // kept output, attention's forward too).
         const bool recompute = torch::GradMode::is_enabled();
         KeepDenseScope scope(recompute);
-        return AttentionHalf(*lp, x, cos, sin, seg, /*root_only=*/recompute);
+        return AttentionHalf(*lp, x, cos, sin, seg, /*root_only=*/recompute, kept);
       };
-      h = MlpHalf(layer, ops::Checkpoint(attention, h, lora_leaves(layer, true)), /*as_node=*/true);
+      h = MlpHalf(layer,
+                  ops::Checkpoint(attention, h, lora_leaves(layer, true), kept ? offloader->NewStash() : nullptr),
+                  /*as_node=*/true);
       continue;
     }
     auto fn = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {

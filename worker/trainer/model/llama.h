@@ -157,10 +157,12 @@ class LlamaForCausalLM : public torch::nn::Module {
   // and the attention recompute skips o_proj's GEMMs: its output is not
   // needed. With LoRA dropout active the layer is checkpointed whole instead.
   // On sequences longer than kKeepAttentionOutputAbove without packing, where
-  // cuDNN attention runs (ops::CanKeepAttentionOutput), each layer is
-  // checkpointed whole and keeps its attention output instead of the residual
-  // after attention (as many bytes): the recompute runs o_proj but not
-  // attention's forward, the costlier of the two there (llama_config.h).
+  // cuDNN attention runs (ops::CanKeepAttentionOutput), each checkpoint also
+  // keeps its attention output (all layers' in one block), so the recompute
+  // runs neither attention's forward nor o_proj, only q/k/v; to pay for it,
+  // each layer's input waits in pinned host memory (model/offload.h, as with
+  // offload), leaving the device holding as many bytes per layer as whole-
+  // layer checkpointing plus one [tokens, hidden] tensor.
   void SetSelectiveRecompute(bool on) { selective_ = on; }
   bool selective_recompute() const { return selective_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off
@@ -198,12 +200,11 @@ class LlamaForCausalLM : public torch::nn::Module {
   // root_only (a checkpoint's recompute): the output is only the root of the
   // backward, so work that only produces its value is skipped (the MLP
   // node's forward; o_proj's GEMMs when the attention half is the output).
-  // `kept` (selective recompute on long sequences): the attention output
-  // this layer's checkpoint keeps (llama_ops.h AttentionKeepingOutput).
   torch::Tensor LayerForward(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
-                             const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false,
-                             const c10::intrusive_ptr<ops::KeptAttention>& kept = {});
-  // x + o_proj(attention(rope(q/k/v_proj(rmsnorm(x))))).
+                             const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false);
+  // x + o_proj(attention(rope(q/k/v_proj(rmsnorm(x))))). `kept` (selective
+  // recompute on long sequences): the attention output this half's checkpoint
+  // keeps (llama_ops.h AttentionKeepingOutput).
   torch::Tensor AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                               const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false,
                               const c10::intrusive_ptr<ops::KeptAttention>& kept = {});

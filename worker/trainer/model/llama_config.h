@@ -22,14 +22,16 @@ inline constexpr int64_t kMlpChunkTokens = 16384;
 inline constexpr int64_t kMlpChunkAbove = 65536;
 
 // Selective recompute on sequences longer than kKeepAttentionOutputAbove:
-// each checkpointed layer keeps its attention output (and the kernel's
-// log-sum-exp) rather than the residual stream after attention, which is as
-// large, so its recompute runs o_proj again instead of attention's forward
-// (llama.cc ForwardHidden, llama_ops.h AttentionKeepingOutput). Per token the
-// attention forward costs ~2 x seq x hidden FLOPs at ~500 TFLOP/s on an H200
-// and o_proj 2 x hidden^2 at ~650: on Llama-3-8B they break even near seq
-// 3,100. It needs cuDNN's fused attention (CUDA, torch >= 2.6, bf16/fp16) and
-// no packing. Here because the torch-free memory planner mirrors it.
+// each layer's checkpoint also keeps its attention output (and the kernel's
+// log-sum-exp), so the recompute runs no attention forward, while its input
+// waits in pinned host memory, so the device holds as much as before (llama.cc
+// ForwardHidden, llama_ops.h AttentionKeepingOutput). The attention forward it
+// saves costs ~2 x seq x hidden FLOPs per token and layer; the host copies
+// (hidden x dtype bytes per token and layer each way) overlap compute. Below
+// the threshold the saving shrinks with the sequence (seq 4096: ~3% of a
+// Llama-3-8B step) and has not been weighed against the copies. It needs cuDNN's fused attention (CUDA,
+// torch >= 2.6, bf16/fp16) and no packing. Here because the torch-free memory
+// planner mirrors it.
 inline constexpr int64_t kKeepAttentionOutputAbove = 4096;
 // Head sizes cuDNN's fused attention takes: multiples of 8 up to 128.
 inline constexpr bool CudnnAttentionHeadDim(int64_t head_dim) { return head_dim % 8 == 0 && head_dim <= 128; }

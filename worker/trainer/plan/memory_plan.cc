@@ -328,7 +328,8 @@ int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt) {
     case Checkpointing::kOffload: return 0;
     case Checkpointing::kSelective:
       if (KeepsAttentionOutput(in)) {
-        // The layer input, the attention output and its fp32 log-sum-exp.
+        // The residual after attention, the attention output and its fp32
+        // log-sum-exp (the layer input waits in host memory).
         const int64_t heads = in.model.num_attention_heads;
         return L * (int64_t{in.model.hidden_size} * cb + heads * in.model.head_dim * cb + heads * 4);
       }
@@ -398,13 +399,9 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   const int64_t layer = LayerActivationBytesPerToken(in) * N;
   const bool keeps_attention = ckpt == Checkpointing::kSelective && KeepsAttentionOutput(in);
   const int64_t model_saved = SavedActivationBytesPerToken(in, ckpt) * N +
-                              (ckpt == Checkpointing::kOff                             ? casts_per_layer * L
-                               : ckpt == Checkpointing::kSelective && !keeps_attention ? MlpLoraCastBytes(in) * L
-                                                                                       : 0);
-  // Keeping attention outputs, the layers are checkpointed whole: from here
-  // on the phases are "on"'s (whose recomputed attention output is then
-  // counted once more than it exists, N x heads x head_dim x dtype).
-  if (keeps_attention) ckpt = Checkpointing::kOn;
+                              (ckpt == Checkpointing::kOff         ? casts_per_layer * L
+                               : ckpt == Checkpointing::kSelective ? MlpLoraCastBytes(in) * L
+                                                                   : 0);
 
   // Phase A: cross-entropy backward (everything the model saved, the final
   // RMSNorm's fp32 input, the normed hidden states, selected rows + their
@@ -441,9 +438,10 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
       kept_mlp = cb * 3 * H * I;
     }
   }
-  // With offload the layer's input comes back to the device for the recompute,
-  // and the previous layer's input is already being prefetched (offload.h).
-  const int64_t fetched = ckpt == Checkpointing::kOffload ? 2 * N * H * cb : 0;
+  // With offload (and selective keeping attention outputs) the layer's input
+  // comes back to the device for the recompute, and the previous layer's
+  // input is already being prefetched (offload.h).
+  const int64_t fetched = ckpt == Checkpointing::kOffload || keeps_attention ? 2 * N * H * cb : 0;
   const int64_t math = MathAttentionTransientPerToken(in) * N;
   int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) + math;
   // (Whole-layer recompute: at down's backward every weight of the layer waits.)
@@ -466,9 +464,11 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
     const int64_t mlp_phase = C * HalfBytesPerToken(in, true);
     if (ckpt == Checkpointing::kSelective) {
       // The MLP node's backward, then the attention half's recompute and
-      // backward; both on top of every layer's two kept inputs.
+      // backward; both on top of what every layer keeps (and the fetched
+      // inputs; the recomputed half's attention output is then counted once
+      // more than it exists where it is kept).
       const int64_t attn_phase = attn + casts_per_layer + N * cb * H;
-      layer_act = model_saved + math + std::max(mlp_phase, attn_phase);
+      layer_act = model_saved + fetched + math + std::max(mlp_phase, attn_phase);
     } else {
       // Inside the layer's recompute: the attention half's activations and
       // the node's input r wait while the node differentiates chunk by chunk.
@@ -486,7 +486,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
     // runs chunked, this is the layer's peak.
     const int64_t q_bytes = cb * int64_t{c.num_attention_heads} * c.head_dim;  // one token's attention output
     const int64_t o_input = IsTarget(in, "o_proj") ? q_bytes : 0;
-    const int64_t kept = ckpt == Checkpointing::kSelective ? model_saved : model_saved + fetched;
+    const int64_t kept = model_saved + fetched;
     const int64_t attn_act = kept + casts_per_layer + math +
                              N * (HalfBytesPerToken(in, false) - o_input + 2 * cb * H);
     const int64_t attn_transient = std::max(dequant, kept_attn) + N * (q_bytes + SdpaBackwardBytesPerToken(in));
@@ -519,9 +519,10 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
     b.peak_phase = "optimizer";
   }
   b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;
-  if (ckpt == Checkpointing::kOffload) {
-    // Pinned blocks per layer input (offload.cc), and the untied embedding.
-    b.host = L * model::PinnedBlockBytes(N * H * cb) + (c.tie_word_embeddings ? 0 : V * H * cb);
+  if (ckpt == Checkpointing::kOffload || keeps_attention) {
+    // Pinned blocks per layer input (offload.cc), and offload's untied embedding.
+    b.host = L * model::PinnedBlockBytes(N * H * cb) +
+             (ckpt == Checkpointing::kOffload && !c.tie_word_embeddings ? V * H * cb : 0);
   }
   b.reserved = RoundUp(static_cast<int64_t>(std::ceil(static_cast<double>(b.peak_allocated) * (1.0 + kFragmentation))),
                        int64_t{2} << 20);
@@ -665,9 +666,15 @@ MemoryPlan ChoosePlan(const PlanInputs& in) {
   }
   if (plan.host_shortfall_bytes > 0) {
     const int64_t need = static_cast<int64_t>(std::ceil(static_cast<double>(plan.breakdown.host) / in.safety_margin));
-    fixes.push_back("give each rank at least " + FormatBytes(need) +
-                    " of available host memory (offload keeps the layer inputs and the embedding there; "
-                    "MemAvailable is shared by the ranks of a node)");
+    const bool selective = plan.checkpointing == Checkpointing::kSelective;
+    fixes.push_back("give each rank at least " + FormatBytes(need) + " of available host memory (" +
+                    (selective ? "selective keeps the layer inputs there on sequences over " +
+                                     std::to_string(model::kKeepAttentionOutputAbove) + " tokens"
+                               : std::string("offload keeps the layer inputs and the embedding there")) +
+                    "; MemAvailable is shared by the ranks of a node)");
+    if (selective && fits(PlanFor(in, micro, Checkpointing::kOn))) {
+      fixes.push_back("use training.gradient_checkpointing: on (nothing in host memory)");
+    }
   }
   std::string fix;
   for (const std::string& f : fixes) fix += (fix.empty() ? "" : "; or ") + f;
@@ -723,7 +730,8 @@ std::string FormatPlan(const PlanInputs& in, const MemoryPlan& plan) {
   std::snprintf(margin, sizeof(margin), "%.0f%%", in.safety_margin * 100);
   row("budget", plan.budget_bytes, std::string("(") + margin + " of " + FormatBytes(plan.free_bytes) + " free)");
   if (b.host > 0) {
-    row("host", b.host, "(pinned layer inputs + embedding; " +
+    const bool embedding = plan.checkpointing == Checkpointing::kOffload && !in.model.tie_word_embeddings;
+    row("host", b.host, std::string("(pinned layer inputs") + (embedding ? " + embedding" : "") + "; " +
                             (plan.host_budget_bytes > 0 ? "budget " + FormatBytes(plan.host_budget_bytes)
                                                         : std::string("host memory not checked")) +
                             ")");

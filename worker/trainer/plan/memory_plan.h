@@ -31,8 +31,9 @@
 //                  offload the inputs live in host memory instead (two are
 //                  on the device in backward: the current and the prefetched);
 //                  selective keeps the residual stream after attention too
-//                  (on long sequences the attention output and its
-//                  log-sum-exp instead, KeepsAttentionOutput).
+//                  (on long sequences also the attention output and its
+//                  log-sum-exp, with the inputs in host memory,
+//                  KeepsAttentionOutput).
 //                  The MLP as one node (llama.cc MlpFunction: selective, or
 //                  more than model::kMlpChunkAbove tokens with checkpointing)
 //                  holds one chunk of its intermediates in backward.
@@ -97,9 +98,9 @@ class PlanError : public std::runtime_error {
 // kSelective (model SetSelectiveRecompute): each layer keeps its input and
 // the residual stream after attention; only the attention half and the gate/up
 // projections are recomputed. On long sequences (KeepsAttentionOutput) it
-// keeps the attention output instead and recomputes the rest of the layer but
-// not attention's forward. Never chosen by "auto" (it trades memory for speed
-// only when asked).
+// also keeps the attention output, moves the input to pinned host memory, and
+// recomputes only q/k/v and gate/up. Never chosen by "auto" (it trades memory
+// for speed only when asked).
 enum class Checkpointing { kOff, kOn, kOffload, kSelective };
 const char* CheckpointingName(Checkpointing c);  // "off" | "on" | "offload" | "selective"
 
@@ -204,18 +205,19 @@ int64_t OptimizerStateBytes(const PlanInputs& in);
 int64_t LayerActivationBytesPerToken(const PlanInputs& in);
 // Bytes kept per token across the whole model between forward and backward:
 // L x LayerActivationBytesPerToken without checkpointing, L x hidden x dtype
-// (the layer inputs) with it, twice that with selective (plus the attention
-// log-sum-exp, fp32 per head, where KeepsAttentionOutput), 0 with offload on
-// CUDA.
+// (the layer inputs) with it, twice that with selective (where
+// KeepsAttentionOutput: the residual after attention, the attention output and
+// its log-sum-exp, fp32 per head; the inputs are in host memory), 0 with
+// offload on CUDA.
 int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt);
-// Whether selective recompute keeps each layer's attention output rather
-// than the residual after attention (model::kKeepAttentionOutputAbove): CUDA,
-// SDPA with grouped heads and cuDNN first, 16-bit compute, no packing, no LoRA
-// dropout, a head size cuDNN takes (a multiple of 8 up to 128), sequences over
-// the threshold. The layers are then checkpointed whole, as with "on". Should
-// cuDNN decline the shapes at run time the model keeps the residual instead,
-// whose plan is smaller (the residual's phases hold less than a whole-layer
-// recompute): this plan errs on the safe side.
+// Whether selective recompute keeps each layer's attention output besides the
+// residual after attention, with the layer input in pinned host memory
+// (model::kKeepAttentionOutputAbove): CUDA, SDPA with grouped heads and cuDNN
+// first, 16-bit compute, no packing, no LoRA dropout, a head size cuDNN takes
+// (a multiple of 8 up to 128), sequences over the threshold. Breakdown::host
+// then counts the inputs. Should cuDNN decline the shapes at run time the
+// model keeps no attention output (the inputs still go to the host), so this
+// plan errs on the safe side.
 bool KeepsAttentionOutput(const PlanInputs& in);
 
 // Peak composition of one (micro-batch, checkpointing) choice. All bytes.
@@ -234,7 +236,8 @@ struct Breakdown {
   std::string peak_phase;      // "cross_entropy_backward" | "layer_backward" | "optimizer"
   // Host memory the plan holds (not device memory, not in the sums above):
   // with offload on CUDA the pinned layer inputs (L x tokens x hidden) and an
-  // untied input embedding.
+  // untied input embedding; with selective where KeepsAttentionOutput, the
+  // inputs.
   int64_t host = 0;
   nlohmann::json ToJson() const;
 };

@@ -299,20 +299,38 @@ TEST(MemoryPlanTest, SelectiveKeepsTwoTensorsPerLayerAndRecomputesTheMlpInANode)
             PlanFor(in, 8, Checkpointing::kOn).peak_allocated);
 }
 
-// Above model::kKeepAttentionOutputAbove selective keeps each layer's
-// attention output and its fp32 log-sum-exp (32 heads) instead of the
-// residual after attention, and checkpoints whole layers: "on"'s plan plus
-// those bytes in every phase.
+// Above model::kKeepAttentionOutputAbove selective also keeps each layer's
+// attention output and its fp32 log-sum-exp (32 heads), while the layer
+// input waits in pinned host memory: against selective without kept outputs
+// (cuDNN not first) the device holds the log-sum-exp more per layer and the
+// fetched input plus the prefetched one; the host holds 32 inputs.
 TEST(MemoryPlanTest, SelectiveKeepsAttentionOutputsAboveTheThreshold) {
   PlanInputs in = Fused8B(8192);
   ASSERT_TRUE(KeepsAttentionOutput(in));
   const int64_t per_token = 4096 * 2 + 32 * 4;  // output (32 x 128 bf16) + log-sum-exp, one layer
   EXPECT_EQ(SavedActivationBytesPerToken(in, Checkpointing::kSelective), 32 * (4096 * 2 + per_token));
   const int64_t N = 2 * 8192;
-  const Breakdown sel = PlanFor(in, 2, Checkpointing::kSelective), on = PlanFor(in, 2, Checkpointing::kOn);
-  EXPECT_EQ(sel.peak_phase, on.peak_phase);
-  EXPECT_EQ(sel.activations - on.activations, 32 * N * per_token);
-  EXPECT_EQ(sel.transient, on.transient);
+  PlanInputs residual_only = in;
+  residual_only.cudnn_attention = false;
+  ASSERT_FALSE(KeepsAttentionOutput(residual_only));
+  const Breakdown sel = PlanFor(in, 2, Checkpointing::kSelective),
+                  res = PlanFor(residual_only, 2, Checkpointing::kSelective);
+  EXPECT_EQ(sel.peak_phase, res.peak_phase);
+  EXPECT_EQ(sel.activations - res.activations, 32 * N * 32 * 4 + 2 * N * 8192);
+  EXPECT_EQ(sel.transient, res.transient);
+  EXPECT_EQ(sel.host, 32 * (N * 8192));  // 128 MiB each: a block size class of its own
+  EXPECT_EQ(res.host, 0);
+  // Without the host memory: the plan does not fit, and the fixes say how.
+  in.micro_batch_size = 2;
+  in.effective_batch_size = 2;
+  in.checkpointing = "selective";
+  in.free_bytes = int64_t{80} << 30;
+  in.host_free_bytes = int64_t{2} << 30;
+  const MemoryPlan plan = ChoosePlan(in);
+  EXPECT_FALSE(plan.fits);
+  EXPECT_GT(plan.host_shortfall_bytes, 0);
+  EXPECT_NE(plan.fix.find("selective keeps the layer inputs there"), std::string::npos) << plan.fix;
+  EXPECT_NE(plan.fix.find("gradient_checkpointing: on"), std::string::npos) << plan.fix;
   // Where the model keeps the residual instead: at the threshold, with
   // packing (segment masks), in fp32, on CPU, with math attention.
   for (auto change : std::vector<std::function<void(PlanInputs&)>>{
