@@ -71,7 +71,8 @@ Usage:
       the kernel this build's torch uses; --attention sdpa plans for a torch
       >= 2.6 (cuDNN attention first, fused AdamW), as on the CUDA host.
       --host-memory-gb: host memory available per rank, which offload plans
-      (and selective ones on sequences over 4,096 tokens) must also fit
+      (and selective ones that keep attention outputs: CUDA, cuDNN, no
+      packing, sequences over 4,096 tokens) must also fit
       (unchecked when absent). Exit 1 when nothing fits.
 
   tune-train tokenize --tokenizer DIR [--json] [--add-special] [--decode [--skip-special]]

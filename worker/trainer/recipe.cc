@@ -463,7 +463,8 @@ void Trainer::PlanMemory() {
     free_bytes = std::min<int64_t>(free_bytes, static_cast<int64_t>(cap_gb * (1 << 30)));
   }
   // The ranks of one host share its RAM: CPU ranks each hold a whole model,
-  // GPU ranks with offload their layer inputs and embedding.
+  // GPU ranks with offload their layer inputs and embedding (selective on
+  // long sequences, the inputs).
   const char* local = std::getenv("LOCAL_WORLD_SIZE");
   const long ranks_here = local != nullptr ? std::max(1L, std::strtol(local, nullptr, 10)) : 1L;
   int64_t host_free_bytes = plan::HostMemAvailableBytes() / ranks_here;

@@ -363,13 +363,14 @@ TEST_F(FusedOpsGpuTest, SelectiveKeepsAttentionOutputOnLongSequences) {
     EXPECT_EQ(count(sel.events, fwd), keeps ? layers : 2 * layers);
     EXPECT_EQ(count(on.events, bwd), layers);
     EXPECT_EQ(count(sel.events, bwd), layers);
+    // Differences against "on": torch itself copies small results to pinned
+    // memory too (nonzero's count, .item()), the same in both runs.
     const std::string to_host = "Device -> Pinned", to_device = "Pinned -> Device";
     std::printf("T %ld: copies to pinned host memory %d (on) / %d (selective), back %d / %d\n",
                 static_cast<long>(T), CountContaining(on.events, to_host), CountContaining(sel.events, to_host),
                 CountContaining(on.events, to_device), CountContaining(sel.events, to_device));
-    EXPECT_EQ(CountContaining(on.events, to_host), 0);
-    EXPECT_EQ(CountContaining(sel.events, to_host), keeps ? layers : 0);
-    EXPECT_EQ(CountContaining(sel.events, to_device), keeps ? layers : 0);
+    EXPECT_EQ(CountContaining(sel.events, to_host) - CountContaining(on.events, to_host), keeps ? layers : 0);
+    EXPECT_EQ(CountContaining(sel.events, to_device) - CountContaining(on.events, to_device), keeps ? layers : 0);
     EXPECT_NEAR(sel.loss, on.loss, 1e-5 * std::abs(on.loss));
     auto names = m->LoraParameters();
     for (size_t i = 0; i < on.grads.size(); ++i) EXPECT_LT(RelErr(sel.grads[i], on.grads[i]), 2e-2) << names[i].first;

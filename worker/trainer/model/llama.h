@@ -161,8 +161,9 @@ class LlamaForCausalLM : public torch::nn::Module {
   // keeps its attention output (all layers' in one block), so the recompute
   // runs neither attention's forward nor o_proj, only q/k/v; to pay for it,
   // each layer's input waits in pinned host memory (model/offload.h, as with
-  // offload), leaving the device holding as many bytes per layer as whole-
-  // layer checkpointing plus one [tokens, hidden] tensor.
+  // offload), leaving the device holding per layer the residual after
+  // attention and the attention output (as many bytes for Llama) plus the
+  // log-sum-exp: what it held when the input stayed there instead.
   void SetSelectiveRecompute(bool on) { selective_ = on; }
   bool selective_recompute() const { return selective_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off

@@ -336,7 +336,7 @@ torch::Tensor AttentionKeepingOutput(const torch::Tensor& q, const torch::Tensor
     }
     *kept = KeptAttention();
     if (!keep_attention_declined.exchange(true)) {
-      std::fprintf(stderr, "tune-train: selective recompute keeps the residual after attention, not its output (%s)\n",
+      std::fprintf(stderr, "tune-train: selective recompute stops keeping attention outputs (%s)\n",
                    declined.c_str());
     }
   } else if (kept->out.defined()) {

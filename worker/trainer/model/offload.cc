@@ -79,7 +79,7 @@ class PinnedPool {
     if (err != cudaSuccess) {
       cudaGetLastError();  // clear the sticky-free error state
       TORCH_CHECK(false, "activation offload: cannot pin ", bytes, " bytes of host memory for a layer input (",
-                  cudaGetErrorString(err), "); give the process more host memory or lower dataset.max_seq_length");
+                  cudaGetErrorString(err), "); give the process more host memory, lower dataset.max_seq_length, or use gradient_checkpointing: on");
     }
     b.bytes = bytes;
     return b;
@@ -142,7 +142,7 @@ class HostStash : public ops::ActivationStash {
   torch::Tensor Take() override {
     TORCH_CHECK(host_.defined() || device_.defined(),
                 "activation offload: a layer input was taken twice (a second backward through the same graph, "
-                "retain_graph, is not supported with gradient_checkpointing: offload)");
+                "retain_graph, is not supported with gradient_checkpointing: offload, or selective on long sequences)");
     TORCH_CHECK(version_.has_value() && version_->current_version() == saved_version_,
                 "activation offload: a checkpointed layer input was modified in place after the forward pass");
     Fetch();

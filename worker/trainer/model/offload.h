@@ -1,6 +1,7 @@
 // Activation offload for gradient checkpointing (`gradient_checkpointing:
-// offload`): each checkpointed layer's input waits in pinned host memory
-// between forward and backward instead of on the GPU.
+// offload`, and selective recompute where it keeps attention outputs, llama.h
+// SetSelectiveRecompute): each checkpointed layer's input waits in pinned host
+// memory between forward and backward instead of on the GPU.
 //
 // The copies run on a side CUDA stream so they overlap compute: in forward the
 // device-to-host copy of layer i's input runs while layer i computes; in

@@ -216,7 +216,8 @@ int64_t SavedActivationBytesPerToken(const PlanInputs& in, Checkpointing ckpt);
 // first, 16-bit compute, no packing, no LoRA dropout, a head size cuDNN takes
 // (a multiple of 8 up to 128), sequences over the threshold. Breakdown::host
 // then counts the inputs. Should cuDNN decline the shapes at run time the
-// model keeps no attention output (the inputs still go to the host), so this
+// model keeps no attention output (and from the next forward on, the inputs
+// stay on the device: the short-sequence form), whose plan is smaller: this
 // plan errs on the safe side.
 bool KeepsAttentionOutput(const PlanInputs& in);
 
