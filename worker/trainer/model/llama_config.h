@@ -29,9 +29,9 @@ inline constexpr int64_t kMlpChunkAbove = 65536;
 // saves costs ~2 x seq x hidden FLOPs per token and layer; the host copies
 // (hidden x dtype bytes per token and layer each way) overlap compute. Below
 // the threshold the saving shrinks with the sequence (seq 4096: ~3% of a
-// Llama-3-8B step) and has not been weighed against the copies. It needs cuDNN's fused attention (CUDA,
-// torch >= 2.6, bf16/fp16) and no packing. Here because the torch-free memory
-// planner mirrors it.
+// Llama-3-8B step) and has not been weighed against the copies. It needs
+// cuDNN's fused attention (CUDA, torch >= 2.6, bf16/fp16) and no packing.
+// Here because the torch-free memory planner mirrors it.
 inline constexpr int64_t kKeepAttentionOutputAbove = 4096;
 // Head sizes cuDNN's fused attention takes: multiples of 8 up to 128.
 inline constexpr bool CudnnAttentionHeadDim(int64_t head_dim) { return head_dim % 8 == 0 && head_dim <= 128; }

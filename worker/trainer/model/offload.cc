@@ -79,7 +79,9 @@ class PinnedPool {
     if (err != cudaSuccess) {
       cudaGetLastError();  // clear the sticky-free error state
       TORCH_CHECK(false, "activation offload: cannot pin ", bytes, " bytes of host memory for a layer input (",
-                  cudaGetErrorString(err), "); give the process more host memory, lower dataset.max_seq_length, or use gradient_checkpointing: on");
+                  cudaGetErrorString(err),
+                  "); give the process more host memory, lower dataset.max_seq_length, or use "
+                  "gradient_checkpointing: on");
     }
     b.bytes = bytes;
     return b;

@@ -438,10 +438,11 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
       kept_mlp = cb * 3 * H * I;
     }
   }
-  // With offload (and selective keeping attention outputs) the layer's input
-  // comes back to the device for the recompute, and the previous layer's
-  // input is already being prefetched (offload.h).
-  const int64_t fetched = ckpt == Checkpointing::kOffload || keeps_attention ? 2 * N * H * cb : 0;
+  // With offload (and selective keeping attention outputs) layer inputs wait
+  // in host memory: the layer's input comes back to the device for the
+  // recompute, and the previous layer's is already being prefetched (offload.h).
+  const bool inputs_on_host = ckpt == Checkpointing::kOffload || keeps_attention;
+  const int64_t fetched = inputs_on_host ? 2 * N * H * cb : 0;
   const int64_t math = MathAttentionTransientPerToken(in) * N;
   int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) + math;
   // (Whole-layer recompute: at down's backward every weight of the layer waits.)
@@ -519,7 +520,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
     b.peak_phase = "optimizer";
   }
   b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;
-  if (ckpt == Checkpointing::kOffload || keeps_attention) {
+  if (inputs_on_host) {
     // Pinned blocks per layer input (offload.cc), and offload's untied embedding.
     b.host = L * model::PinnedBlockBytes(N * H * cb) +
              (ckpt == Checkpointing::kOffload && !c.tie_word_embeddings ? V * H * cb : 0);
