@@ -464,7 +464,7 @@ void Trainer::PlanMemory() {
   }
   // The ranks of one host share its RAM: CPU ranks each hold a whole model,
   // GPU ranks with offload their layer inputs and embedding (selective on
-  // long sequences, the inputs).
+  // long sequences, the inputs and q/k/v outputs).
   const char* local = std::getenv("LOCAL_WORLD_SIZE");
   const long ranks_here = local != nullptr ? std::max(1L, std::strtol(local, nullptr, 10)) : 1L;
   int64_t host_free_bytes = plan::HostMemAvailableBytes() / ranks_here;

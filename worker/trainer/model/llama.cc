@@ -172,6 +172,10 @@ struct FrozenWeight : torch::CustomClassHolder {
   }
 };
 
+// Where a checkpointed projection's output waits between its first pass and
+// the recompute (LoraLinearFunction's kept_output); null: nowhere.
+using Stash = std::shared_ptr<ops::ActivationStash>;
+
 // An empty tensor standing for an absent input of the autograd functions
 // below (torch 1.13's autograd rejects undefined inputs).
 torch::Tensor Absent(const torch::Tensor& like) { return torch::empty({0}, like.options().requires_grad(false)); }
@@ -310,19 +314,30 @@ LoraLinearGrads LoraLinearBackward(const torch::Tensor& g, const torch::Tensor& 
 // rejects undefined inputs). LoRA dropout is not handled here (the caller
 // composes). `root_only`: the output is recomputed only as the root of a
 // checkpoint's backward (its value is never read), so neither GEMM runs;
-// backward needs only x and xa.
+// backward needs only x and xa. `kept_output` (a checkpointed projection whose
+// output waits in host memory): the first pass puts y there, and the
+// recompute, with root_only, returns the y it takes back instead of an empty
+// tensor, so the recompute runs neither GEMM and the value is still there.
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor a, torch::Tensor b,
                                torch::Tensor residual, c10::intrusive_ptr<FrozenWeight> w, double scaling,
-                               bool root_only, bool x_spare) {
+                               bool root_only, bool x_spare, Stash kept_output) {
     LoraLinearOut out;
     if (root_only) {
       if (a.numel() > 0) out.xa = ScaledLoraInput(x, a, scaling);
-      out.y = torch::empty({x.size(0), w->Rows()}, x.options());
+      if (kept_output) {
+        out.y = kept_output->Take();
+        TORCH_CHECK(out.y.dim() == 2 && out.y.size(0) == x.size(0) && out.y.size(1) == w->Rows() &&
+                        out.y.scalar_type() == x.scalar_type(),
+                    "kept projection output ", out.y.sizes(), " does not match the recompute's input ", x.sizes());
+      } else {
+        out.y = torch::empty({x.size(0), w->Rows()}, x.options());
+      }
       out.x = x;
     } else {
       out = LoraLinearForward(x, a, b, residual, *w, scaling, x_spare);
+      if (kept_output) kept_output->Put(out.y);
     }
     const bool lora = a.numel() > 0;
     ctx->save_for_backward({lora ? out.x : a, a, b, lora ? out.xa : a});
@@ -339,7 +354,12 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                            ctx->saved_data["scaling"].toDouble(), ctx->needs_input_grad(0),
                                            ctx->needs_input_grad(1), ctx->needs_input_grad(2));
     torch::Tensor dres = ctx->needs_input_grad(3) ? grad_out[0] : torch::Tensor();
-    return {r.dx, r.da, r.db, dres, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    variable_list grads(9);  // w, scaling, root_only, x_spare, kept_output: none
+    grads[0] = r.dx;
+    grads[1] = r.da;
+    grads[2] = r.db;
+    grads[3] = dres;
+    return grads;
   }
 };
 
@@ -355,6 +375,10 @@ struct MlpWeights : torch::CustomClassHolder {
   int64_t chunk = 0;
   bool root_only = false;  // see MlpFunction
   bool keep_dense = true;  // backward keeps gate/up's dequantised copy for their own backward (not with offload)
+  c10::intrusive_ptr<ops::KeptAttentionSlab> slab;  // set: forward keeps r in slot `slot` of its residual block
+  int64_t slot = 0;
+  bool in_slab = false;           // forward placed r there (its layout allowed it)
+  mutable torch::Tensor kept_r;  // that copy, from forward until backward has used it
 
   // gate_up(n) with n = rmsnorm(r), [N, 2I], for a fused gate/up: autograd
   // ops, so in backward (grad mode on) they form the graph MlpFunction
@@ -366,7 +390,7 @@ struct MlpWeights : torch::CustomClassHolder {
     // the spare columns (n has no other reader).
     torch::Tensor n = ops::RmsNorm(r, norm, eps, gate_up_spare);
     auto [a, b] = ag.numel() > 0 ? StackLora({{ag, bg}, {au, bu}}) : std::make_pair(absent, absent);
-    return LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate, false, gate_up_spare > 0);
+    return LoraLinearFunction::apply(n, a, b, absent, gate_up, s_gate, false, gate_up_spare > 0, Stash());
   }
 
   // swiglu(gate(n), up(n)) with n = rmsnorm(r), as autograd ops (see GateUp).
@@ -375,8 +399,8 @@ struct MlpWeights : torch::CustomClassHolder {
     if (gate_up) return cuda_ops::SwiGluHalves(GateUp(r, ag, bg, au, bu));
     const torch::Tensor absent = Absent(r);
     torch::Tensor n = ops::RmsNorm(r, norm, eps);
-    torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate, false, false);
-    torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up, false, false);
+    torch::Tensor g = LoraLinearFunction::apply(n, ag, bg, absent, gate, s_gate, false, false, Stash());
+    torch::Tensor u = LoraLinearFunction::apply(n, au, bu, absent, up, s_up, false, false, Stash());
     return cuda_ops::SwiGlu(g, u);
   }
 };
@@ -395,7 +419,16 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor r, torch::Tensor ag, torch::Tensor bg,
                                torch::Tensor au, torch::Tensor bu, torch::Tensor ad, torch::Tensor bd,
                                c10::intrusive_ptr<MlpWeights> w) {
-    ctx->save_for_backward({r, ag, bg, au, bu, ad, bd});
+    // A copy in the slab is this node's own, so it is kept outside the saved
+    // variables (its slot's neighbours are written after it is saved, which
+    // their version check would take for an in-place change of r).
+    if (w->slab && !w->root_only) {
+      torch::Tensor copy = w->slab->Place(r, w->slab->residual, w->slot);
+      w->in_slab = !copy.is_same(r);
+      if (w->in_slab) w->kept_r = copy;
+    }
+    w->slab.reset();  // the copy holds its block; the slab itself goes with the layers' KeptAttention
+    ctx->save_for_backward({w->in_slab ? Absent(r) : r, ag, bg, au, bu, ad, bd});
     ctx->saved_data["w"] = c10::IValue::make_capsule(w);
     // Recomputed inside a layer checkpoint only as the root of its backward:
     // the value is never read, and backward recomputes what it needs.
@@ -416,7 +449,12 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
     variable_list saved = ctx->get_saved_variables();
     auto capsule = ctx->saved_data["w"].toCapsule();
     const MlpWeights& w = *static_cast<MlpWeights*>(capsule.get());
-    const torch::Tensor &r = saved[0], &ad = saved[5], &bd = saved[6];
+    TORCH_CHECK(!w.in_slab || w.kept_r.defined(),
+                "the MLP node's input was released by an earlier backward (a second backward through the same "
+                "graph, retain_graph, is not supported with selective recompute on long sequences)");
+    const torch::Tensor r = w.in_slab ? std::move(w.kept_r) : saved[0];
+    w.kept_r = torch::Tensor();
+    const torch::Tensor &ad = saved[5], &bd = saved[6];
     const int64_t n = r.size(0);
     const bool need_r = ctx->needs_input_grad(0);
     torch::Tensor dy = grad_out[0].defined() ? grad_out[0] : torch::zeros_like(r);
@@ -621,9 +659,11 @@ int64_t FoldedLoraColumns(const std::vector<const LinearWithLora*>& group) {
 // x [.., in] through a fusable group as one node: [.., sum out_i], member i's
 // output in its columns (LoraLinearFunction on the stacked weights and LoRA).
 // `x_spare`: x came from ops::RmsNorm with FoldedLoraColumns(group) spare
-// columns and has no other reader.
+// columns and has no other reader. `kept_output`: see LoraLinearFunction; the
+// first pass (grad mode off) puts the output there, the recompute (grad mode
+// on) takes it back instead of running the GEMMs.
 torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, const torch::Tensor& x,
-                              bool x_spare = false) {
+                              bool x_spare = false, const Stash& kept_output = nullptr) {
   const LinearWithLora& first = *group[0];
   const torch::Tensor absent = Absent(x);
   torch::Tensor a = absent, b = absent;
@@ -635,8 +675,9 @@ torch::Tensor FusedProjection(const std::vector<const LinearWithLora*>& group, c
   c10::intrusive_ptr<FrozenWeight> w = Frozen(group);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = w->Rows();
-  return LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, w, first.scaling(), false,
-                                   x_spare)
+  const bool replay = kept_output && torch::GradMode::is_enabled();
+  return LoraLinearFunction::apply(x.reshape({-1, first.in_features()}), a, b, absent, w, first.scaling(), replay,
+                                   x_spare, kept_output)
       .view(shape);
 }
 
@@ -652,11 +693,11 @@ torch::Tensor LinearWithLora::Forward(const torch::Tensor& x, bool training, con
   auto [a, b] = LoraCopies(x.scalar_type(), absent);
   torch::Tensor y;
   if (!dropout) {
-    y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_, root_only, false);
+    y = LoraLinearFunction::apply(x2, a, b, r2, w, scaling_, root_only, false, Stash());
   } else {
     // The LoRA branch sees dropout(x): composed from autograd ops, with the
     // update still accumulated into the base output in place.
-    y = LoraLinearFunction::apply(x2, absent, absent, r2, w, 1.0, false, false);
+    y = LoraLinearFunction::apply(x2, absent, absent, r2, w, 1.0, false, false, Stash());
     torch::Tensor xa = torch::linear(torch::dropout(x2, dropout_, /*train=*/true), a);
     if (scaling_ != 1.0) xa = xa * scaling_;
     y.addmm_(xa, b.t());
@@ -815,7 +856,8 @@ std::shared_ptr<LlamaForCausalLM> LlamaForCausalLM::FromTensors(
 
 torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                                               const torch::Tensor& sin, const torch::Tensor& segment_ids,
-                                              bool root_only, const c10::intrusive_ptr<ops::KeptAttention>& kept) {
+                                              bool root_only, const c10::intrusive_ptr<ops::KeptAttention>& kept,
+                                              const Stash& kept_qkv) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads, d = config_.head_dim;
   const std::vector<const LinearWithLora*> qkv = {&layer.q_proj, &layer.k_proj, &layer.v_proj};
@@ -827,7 +869,7 @@ torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::
     // One GEMM; q/k/v are column views of its output (split's backward
     // writes their gradients into one buffer for the fused backward GEMM).
     std::vector<torch::Tensor> parts =
-        FusedProjection(qkv, h, spare > 0).split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
+        FusedProjection(qkv, h, spare > 0, kept_qkv).split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
     q = parts[0], k = parts[1], v = parts[2];
   } else {
     q = layer.q_proj.Forward(h, training_);
@@ -849,7 +891,8 @@ torch::Tensor LlamaForCausalLM::AttentionHalf(DecoderLayer& layer, const torch::
 
 bool LlamaForCausalLM::MlpNodeApplies() const { return !(training_ && opts_.lora.dropout > 0); }
 
-torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only) {
+torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only,
+                                        const c10::intrusive_ptr<ops::KeptAttentionSlab>& slab, int64_t slot) {
   const int64_t H = config_.hidden_size, n = r.numel() / H;
   const std::vector<const LinearWithLora*> gate_up = {&layer.gate_proj, &layer.up_proj};
   const bool fuse = fused_projections_ && CanFuse(gate_up, training_);
@@ -878,6 +921,8 @@ torch::Tensor LlamaForCausalLM::MlpHalf(DecoderLayer& layer, const torch::Tensor
   w->chunk = n > kMlpChunkAbove ? kMlpChunkTokens : std::max<int64_t>(n, 1);
   w->root_only = root_only;
   w->keep_dense = !OffloadsActivations();  // offload is for least memory
+  w->slab = slab;
+  w->slot = slot;
   const torch::Tensor absent = Absent(r);
   auto [ag, bg] = layer.gate_proj.LoraCopies(r.scalar_type(), absent);
   auto [au, bu] = layer.up_proj.LoraCopies(r.scalar_type(), absent);
@@ -937,7 +982,7 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
   // its input instead (MlpFunction), so its output GEMM is never recomputed.
   const bool selective = checkpoint && selective_ && !offload && MlpNodeApplies();
   // Long sequences: the attention output is kept too, and the layer inputs
-  // wait in host memory (SetSelectiveRecompute).
+  // and q/k/v projection outputs wait in host memory (SetSelectiveRecompute).
   const bool keep_attention = selective && !seg.defined() && input_ids.size(1) > kKeepAttentionOutputAbove &&
                               ops::CanKeepAttentionOutput(h, config_.head_dim);
   // Offload, or selective keeping attention outputs: layer inputs wait in
@@ -956,7 +1001,8 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     }
     return params;
   };
-  // One block for all layers' kept attention outputs (KeptAttentionSlab).
+  // One block for all layers' kept attention outputs, one for the MLP nodes'
+  // inputs (KeptAttentionSlab).
   const auto slab = keep_attention ? c10::make_intrusive<ops::KeptAttentionSlab>(static_cast<int64_t>(layers_.size()))
                                    : c10::intrusive_ptr<ops::KeptAttentionSlab>();
   for (auto& layer : layers_) {
@@ -969,23 +1015,29 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
     // mode on; the weights dequantised then are kept for the backward that
     // follows (t_keep_dense), except with offload, which is for least memory.
     if (selective) {
+      const int64_t slot = &layer - layers_.data();
       c10::intrusive_ptr<ops::KeptAttention> kept;
+      Stash input, qkv;
       if (keep_attention) {
         kept = c10::make_intrusive<ops::KeptAttention>();
         kept->slab = slab;
-        kept->slot = &layer - layers_.data();
+        kept->slot = slot;
+        // The input and q/k/v's output come back together (the companion),
+        // one layer ahead of the recompute that takes them.
+        input = offloader->NewStash();
+        qkv = offloader->NewCompanion(input);
       }
-      auto attention = [this, lp, cos = cos, sin = sin, seg, kept](const torch::Tensor& x) {
+      auto attention = [this, lp, cos = cos, sin = sin, seg, kept, qkv](const torch::Tensor& x) {
         // In the recompute the output (r) is only the backward's root: the
         // MLP node kept its own r, so o_proj's GEMMs are skipped (and with a
-        // kept output, attention's forward too).
+        // kept output, attention's forward too, and with a kept q/k/v output
+        // its GEMMs).
         const bool recompute = torch::GradMode::is_enabled();
         KeepDenseScope scope(recompute);
-        return AttentionHalf(*lp, x, cos, sin, seg, /*root_only=*/recompute, kept);
+        return AttentionHalf(*lp, x, cos, sin, seg, /*root_only=*/recompute, kept, qkv);
       };
-      h = MlpHalf(layer,
-                  ops::Checkpoint(attention, h, lora_leaves(layer, true), kept ? offloader->NewStash() : nullptr),
-                  /*as_node=*/true);
+      h = MlpHalf(layer, ops::Checkpoint(attention, h, lora_leaves(layer, true), input), /*as_node=*/true,
+                  /*root_only=*/false, slab, slot);
       continue;
     }
     auto fn = [this, lp, cos = cos, sin = sin, seg](const torch::Tensor& x) {

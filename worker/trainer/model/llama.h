@@ -158,10 +158,12 @@ class LlamaForCausalLM : public torch::nn::Module {
   // needed. With LoRA dropout active the layer is checkpointed whole instead.
   // On sequences longer than kKeepAttentionOutputAbove without packing, where
   // cuDNN attention runs (ops::CanKeepAttentionOutput), each checkpoint also
-  // keeps its attention output (all layers' in one block), so the recompute
-  // runs neither attention's forward nor o_proj, only q/k/v; to pay for it,
-  // each layer's input waits in pinned host memory (model/offload.h, as with
-  // offload), leaving the device holding per layer the residual after
+  // keeps its attention output (all layers' in one block, the MLP nodes'
+  // inputs in another), and each layer's input and, when q/k/v fuse, its q/k/v
+  // projection output wait in pinned host memory (model/offload.h, as with
+  // offload; the two come back together, one layer ahead). So the recompute
+  // runs no attention forward, no o_proj and no q/k/v GEMM: only RMSNorm,
+  // RoPE and the LoRA A product. The device holds per layer the residual after
   // attention and the attention output (as many bytes for Llama) plus the
   // log-sum-exp: what it held when the input stayed there instead.
   void SetSelectiveRecompute(bool on) { selective_ = on; }
@@ -205,16 +207,24 @@ class LlamaForCausalLM : public torch::nn::Module {
                              const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false);
   // x + o_proj(attention(rope(q/k/v_proj(rmsnorm(x))))). `kept` (selective
   // recompute on long sequences): the attention output this half's checkpoint
-  // keeps (llama_ops.h AttentionKeepingOutput).
+  // keeps (llama_ops.h AttentionKeepingOutput). `kept_qkv` (the same): where
+  // the fused q/k/v projection's output waits between the checkpoint's first
+  // pass and its recompute, which then runs no q/k/v GEMM; unused when q/k/v
+  // do not fuse.
   torch::Tensor AttentionHalf(DecoderLayer& layer, const torch::Tensor& x, const torch::Tensor& cos,
                               const torch::Tensor& sin, const torch::Tensor& segment_ids, bool root_only = false,
-                              const c10::intrusive_ptr<ops::KeptAttention>& kept = {});
+                              const c10::intrusive_ptr<ops::KeptAttention>& kept = {},
+                              const std::shared_ptr<ops::ActivationStash>& kept_qkv = nullptr);
   // r + down(swiglu(gate(n), up(n))), n = rmsnorm(r): as one node
   // (llama.cc MlpFunction, in kMlpChunkTokens chunks above kMlpChunkAbove
   // tokens) when `as_node` (checkpointing: selective, or on/offload, where the
   // layer recompute then skips the MLP's forward); plain autograd ops
-  // otherwise or while LoRA dropout is active.
-  torch::Tensor MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only = false);
+  // otherwise or while LoRA dropout is active. `slab` (selective recompute
+  // on long sequences): the node keeps its copy of r in the slab's
+  // `residual` block, slot `slot`, so that no kept tensor is allocated between
+  // a layer's transient ones.
+  torch::Tensor MlpHalf(DecoderLayer& layer, const torch::Tensor& r, bool as_node, bool root_only = false,
+                        const c10::intrusive_ptr<ops::KeptAttentionSlab>& slab = {}, int64_t slot = 0);
   bool MlpNodeApplies() const;
   // Offload set on a GPU (on CPU the inputs are host memory already: "on").
   bool OffloadsActivations() const { return offload_ && opts_.device.is_cuda(); }

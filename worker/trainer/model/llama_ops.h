@@ -55,8 +55,9 @@ torch::Tensor Attention(const torch::Tensor& q, const torch::Tensor& k, const to
 // nothing) on older torch.
 bool PreferCudnnAttention();
 
-// One block of memory for what all layers of one forward keep
-// (KeptAttention::slab). Kept outputs allocated one per layer, between each
+// One block of memory per kind of tensor that all layers of one forward keep
+// (KeptAttention::slab; the MLP node's input, llama.h MlpHalf). Kept tensors
+// allocated one per layer, between each
 // layer's larger transients, can leave holes the caching allocator cannot
 // reuse for those transients (seq 8192 x 2: 2.4 GiB reserved beyond
 // allocated); copied into slots of one block allocated at the first layer
@@ -71,7 +72,8 @@ struct KeptAttentionSlab : torch::CustomClassHolder {
   torch::Tensor Place(const torch::Tensor& t, torch::Tensor& block, int64_t slot) const;
 
   int64_t layers;
-  torch::Tensor out, lse;  // the blocks, flat
+  torch::Tensor out, lse;   // the blocks, flat: attention outputs and log-sum-exps
+  torch::Tensor residual;   // the MLP nodes' inputs (the residual stream after attention)
 };
 
 // The attention output a checkpointed layer keeps for its recompute

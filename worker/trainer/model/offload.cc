@@ -18,9 +18,29 @@
 
 namespace tune::model {
 
+torch::Tensor FetchBufferRing::Get(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+  torch::NoGradGuard no_grad;
+  for (const torch::Tensor& b : buffers_) {
+    // (A device given without an index, as torch::kCUDA, matches any index.)
+    const torch::Device want = options.device();
+    const bool same_device =
+        b.device().type() == want.type() && (!want.has_index() || b.device().index() == want.index());
+    if (b.sizes() == sizes && b.dtype() == options.dtype() && same_device && b.storage().use_count() == 1) {
+      return torch::empty({0}, b.options()).set_(b.storage(), 0, b.sizes(), b.strides());
+    }
+  }
+  torch::Tensor b = torch::empty(sizes, options);
+  if (buffers_.size() >= capacity_) return b;
+  buffers_.push_back(b);
+  return torch::empty({0}, b.options()).set_(b.storage(), 0, b.sizes(), b.strides());
+}
+
 struct HostOffloader::State {
   explicit State(torch::Device d) : device(d) {}
   torch::Device device;
+  // Where fetches land: per layer an input and a companion, with the
+  // previous layer's prefetched, so two of each in turn (and room for more).
+  FetchBufferRing buffers{6};
   std::weak_ptr<ops::ActivationStash> last;  // the most recent stash (the next one's predecessor)
 #ifdef TUNE_TORCH_CUDA
   std::optional<c10::cuda::CUDAStream> side;  // the copy stream (CUDA devices only)
@@ -152,22 +172,41 @@ class HostStash : public ops::ActivationStash {
 #ifdef TUNE_TORCH_CUDA
     if (fetched_.has_value()) fetched_->block(c10::cuda::getCurrentCUDAStream(out.device().index()));
 #endif
-    // Bring the previous layer's input over while this layer recomputes.
-    if (auto prev = prev_.lock()) prev->Fetch();
+    // Bring the previous layer's input over while this layer recomputes; the
+    // first layer's is the last fetch of this backward.
+    if (auto prev = prev_.lock()) {
+      prev->Fetch();
+    } else if (chained_) {
+      state_->buffers.Clear();
+    }
     return out;
   }
 
+  bool MadeBy(const std::shared_ptr<HostOffloader::State>& state) const { return state_ == state; }
+
+  // Makes `c` this stash's companion (taken out of the chain's end role).
+  void SetCompanion(const std::shared_ptr<HostStash>& c) {
+    companion_ = c;
+    c->chained_ = false;
+  }
+
  private:
-  // Starts the copy back to the device (once).
+  // Starts the copy back to the device (once), then the companion's.
   void Fetch() {
+    FetchOwn();
+    if (auto c = companion_.lock()) c->Fetch();
+  }
+
+  void FetchOwn() {
     if (device_.defined() || !host_.defined()) return;
 #ifdef TUNE_TORCH_CUDA
     if (state_->device.is_cuda()) {
       const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(state_->device.index());
       const c10::cuda::CUDAStream& side = *state_->side;
-      // Allocated on main, written on side: the block may have been freed by
-      // work still queued on main, so side first waits for main's queue.
-      device_ = torch::empty(host_.sizes(), host_.options().device(state_->device).pinned_memory(false));
+      // Allocated on main (or a ring buffer main has used), written on side:
+      // the memory may still be read by work queued on main, so side first
+      // waits for main's queue.
+      device_ = state_->buffers.Get(host_.sizes(), host_.options().device(state_->device).pinned_memory(false));
       at::cuda::CUDAEvent queued;
       queued.record(main);
       queued.block(side);
@@ -199,6 +238,8 @@ class HostStash : public ops::ActivationStash {
 #endif
   std::shared_ptr<HostOffloader::State> state_;
   std::weak_ptr<HostStash> prev_;
+  std::weak_ptr<HostStash> companion_;  // fetched with this one (HostOffloader::NewCompanion)
+  bool chained_ = true;                  // made by NewStash (false: a companion)
   torch::Tensor host_, device_;
   std::optional<c10::VariableVersion> version_;  // x's counter (shared, not x's storage)
   uint32_t saved_version_ = 0;
@@ -221,6 +262,15 @@ std::shared_ptr<ops::ActivationStash> HostOffloader::NewStash() {
   auto prev = std::static_pointer_cast<HostStash>(state_->last.lock());
   auto stash = std::make_shared<HostStash>(state_, prev);
   state_->last = stash;
+  return stash;
+}
+
+std::shared_ptr<ops::ActivationStash> HostOffloader::NewCompanion(const std::shared_ptr<ops::ActivationStash>& with) {
+  auto owner = std::dynamic_pointer_cast<HostStash>(with);
+  TORCH_CHECK(owner != nullptr && owner->MadeBy(state_),
+              "activation offload: a companion stash needs a stash of the same offloader");
+  auto stash = std::make_shared<HostStash>(state_, std::weak_ptr<HostStash>());
+  owner->SetCompanion(stash);
   return stash;
 }
 

@@ -1,13 +1,15 @@
 // Activation offload for gradient checkpointing (`gradient_checkpointing:
 // offload`, and selective recompute where it keeps attention outputs, llama.h
 // SetSelectiveRecompute): each checkpointed layer's input waits in pinned host
-// memory between forward and backward instead of on the GPU.
+// memory between forward and backward instead of on the GPU (with selective,
+// its q/k/v projection output too, as the input's companion).
 //
 // The copies run on a side CUDA stream so they overlap compute: in forward the
 // device-to-host copy of layer i's input runs while layer i computes; in
 // backward, taking layer i's input starts the host-to-device copy of layer
-// i-1's input, which then overlaps layer i's recompute and backward. So at
-// most two layer inputs are on the device at once. Gradients never pass
+// i-1's input (and its companion), which then overlaps layer i's recompute
+// and backward. So at most two layer inputs (and companions) are on the device
+// at once. Gradients never pass
 // through host memory (ops::Checkpoint returns x's gradient on the device).
 #ifndef TUNE_WORKER_TRAINER_MODEL_OFFLOAD_H_
 #define TUNE_WORKER_TRAINER_MODEL_OFFLOAD_H_
@@ -15,13 +17,40 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <vector>
 
 #include "worker/trainer/model/llama_ops.h"
 
 namespace tune::model {
 
-// One per forward pass. Stashes made by the same offloader form a chain in
-// creation (= layer) order, which is what backward prefetches along.
+// Device buffers that backward's fetches reuse. A fetched layer input lives
+// from its prefetch, one layer early, until its layer's backward ends, so a
+// fresh allocation per layer lands between that layer's transients and splits
+// the caching allocator's free blocks, and later large transients then need
+// new memory (reserved grew well beyond allocated with two fetched tensors per
+// layer). The ring's buffers are allocated once per backward and taken in
+// turn.
+class FetchBufferRing {
+ public:
+  explicit FetchBufferRing(size_t capacity) : capacity_(capacity) {}
+  // A tensor of `sizes` and `options` whose memory no other tensor uses: a
+  // ring buffer no tensor handed out earlier still refers to, else a new one
+  // (kept in the ring while it has fewer than `capacity` buffers). Each call
+  // returns a new tensor object on the buffer's storage (its own version
+  // counter and autograd state, not a view). Memory reuse is ordered on the
+  // host only: the caller orders it on the device (offload.cc).
+  torch::Tensor Get(at::IntArrayRef sizes, const torch::TensorOptions& options);
+  // Drops the ring's references (tensors handed out keep their memory).
+  void Clear() { buffers_.clear(); }
+  size_t size() const { return buffers_.size(); }
+
+ private:
+  size_t capacity_;
+  std::vector<torch::Tensor> buffers_;
+};
+
+// One per forward pass. Stashes made by NewStash form a chain in creation
+// (= layer) order, which is what backward prefetches along.
 class HostOffloader {
  public:
   // `device`: where the inputs live and come back to. On a CPU device, or in a
@@ -30,6 +59,12 @@ class HostOffloader {
   explicit HostOffloader(torch::Device device);
   ~HostOffloader();
   std::shared_ptr<ops::ActivationStash> NewStash();
+  // A stash outside the chain that is fetched whenever `with` (made by
+  // NewStash of this offloader) is: a second tensor of the same layer, which
+  // backward needs right after `with`'s (selective recompute keeps the layer's
+  // q/k/v projection output this way). So while a layer's backward runs, the
+  // previous layer's input and its companion both come over.
+  std::shared_ptr<ops::ActivationStash> NewCompanion(const std::shared_ptr<ops::ActivationStash>& with);
 
   struct State;  // the device, copy stream and chain end, shared with the stashes (offload.cc)
 

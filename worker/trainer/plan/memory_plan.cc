@@ -441,8 +441,13 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // With offload (and selective keeping attention outputs) layer inputs wait
   // in host memory: the layer's input comes back to the device for the
   // recompute, and the previous layer's is already being prefetched (offload.h).
+  // Selective keeping attention outputs sends a fused q/k/v's output along
+  // (llama.h AttentionHalf): it comes back with its layer's input.
   const bool inputs_on_host = ckpt == Checkpointing::kOffload || keeps_attention;
-  const int64_t fetched = inputs_on_host ? 2 * N * H * cb : 0;
+  const int64_t qkv_cols = (int64_t{c.num_attention_heads} + 2 * c.num_key_value_heads) * c.head_dim;
+  const int64_t qkv_output =
+      keeps_attention && FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? N * qkv_cols * cb : 0;
+  const int64_t fetched = inputs_on_host ? 2 * (N * H * cb + qkv_output) : 0;
   const int64_t math = MathAttentionTransientPerToken(in) * N;
   int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) + math;
   // (Whole-layer recompute: at down's backward every weight of the layer waits.)
@@ -521,8 +526,9 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   }
   b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;
   if (inputs_on_host) {
-    // Pinned blocks per layer input (offload.cc), and offload's untied embedding.
-    b.host = L * model::PinnedBlockBytes(N * H * cb) +
+    // Pinned blocks per layer input and q/k/v output (offload.cc), and
+    // offload's untied embedding.
+    b.host = L * model::PinnedBlockBytes(N * H * cb) + (qkv_output > 0 ? L * model::PinnedBlockBytes(qkv_output) : 0) +
              (ckpt == Checkpointing::kOffload && !c.tie_word_embeddings ? V * H * cb : 0);
   }
   b.reserved = RoundUp(static_cast<int64_t>(std::ceil(static_cast<double>(b.peak_allocated) * (1.0 + kFragmentation))),
@@ -669,7 +675,9 @@ MemoryPlan ChoosePlan(const PlanInputs& in) {
     const int64_t need = static_cast<int64_t>(std::ceil(static_cast<double>(plan.breakdown.host) / in.safety_margin));
     const bool selective = plan.checkpointing == Checkpointing::kSelective;
     fixes.push_back("give each rank at least " + FormatBytes(need) + " of available host memory (" +
-                    (selective ? "selective keeps the layer inputs there on sequences over " +
+                    (selective ? std::string("selective keeps the layer inputs") +
+                                     (FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? " and q/k/v outputs" : "") +
+                                     " there on sequences over " +
                                      std::to_string(model::kKeepAttentionOutputAbove) + " tokens"
                                : std::string("offload keeps the layer inputs and the embedding there")) +
                     "; MemAvailable is shared by the ranks of a node)");
@@ -732,7 +740,9 @@ std::string FormatPlan(const PlanInputs& in, const MemoryPlan& plan) {
   row("budget", plan.budget_bytes, std::string("(") + margin + " of " + FormatBytes(plan.free_bytes) + " free)");
   if (b.host > 0) {
     const bool embedding = plan.checkpointing == Checkpointing::kOffload && !in.model.tie_word_embeddings;
-    row("host", b.host, std::string("(pinned layer inputs") + (embedding ? " + embedding" : "") + "; " +
+    const bool qkv = plan.checkpointing == Checkpointing::kSelective && FusesGroup(in, {"q_proj", "k_proj", "v_proj"});
+    row("host", b.host, std::string("(pinned layer inputs") + (embedding ? " + embedding" : "") +
+                            (qkv ? " + q/k/v outputs" : "") + "; " +
                             (plan.host_budget_bytes > 0 ? "budget " + FormatBytes(plan.host_budget_bytes)
                                                         : std::string("host memory not checked")) +
                             ")");

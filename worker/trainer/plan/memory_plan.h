@@ -238,7 +238,7 @@ struct Breakdown {
   // Host memory the plan holds (not device memory, not in the sums above):
   // with offload on CUDA the pinned layer inputs (L x tokens x hidden) and an
   // untied input embedding; with selective where KeepsAttentionOutput, the
-  // inputs.
+  // inputs and (when q/k/v fuse) the q/k/v projection outputs.
   int64_t host = 0;
   nlohmann::json ToJson() const;
 };

@@ -330,5 +330,58 @@ TEST(Checkpoint, StashRefusesInPlaceWritesAndASecondBackward) {
   EXPECT_ANY_THROW(y2.sum().backward());  // the input was handed back once already
 }
 
+TEST(HostOffloader, CompanionComesBackWithTheStashItFollows) {
+  HostOffloader offloader(torch::kCPU);
+  auto input = offloader.NewStash();
+  auto qkv = offloader.NewCompanion(input);
+  torch::Tensor x = torch::randn({3, 4}), y = torch::randn({3, 7});
+  input->Put(x);
+  qkv->Put(y);
+  // Taking the input brings the companion over too; each comes back once, equal.
+  EXPECT_TRUE(torch::equal(input->Take(), x));
+  EXPECT_TRUE(torch::equal(qkv->Take(), y));
+  EXPECT_ANY_THROW(qkv->Take());
+  // Only a stash of an offloader can have a companion.
+  auto foreign = std::make_shared<CountingStash>(offloader.NewStash());
+  EXPECT_ANY_THROW(offloader.NewCompanion(foreign));
+  HostOffloader other(torch::kCPU);
+  EXPECT_ANY_THROW(offloader.NewCompanion(other.NewStash()));
+}
+
+TEST(FetchBufferRing, ReusesABufferOnlyOnceNothingRefersToIt) {
+  FetchBufferRing ring(2);
+  const auto opts = torch::TensorOptions().dtype(torch::kBFloat16);
+  torch::Tensor a = ring.Get({4, 6}, opts);
+  void* first = a.data_ptr();
+  torch::Tensor b = ring.Get({4, 6}, opts);  // a is still alive: another buffer
+  EXPECT_NE(b.data_ptr(), first);
+  EXPECT_EQ(ring.size(), 2u);
+  torch::Tensor view = a.narrow(0, 1, 2);
+  a = torch::Tensor();
+  torch::Tensor c = ring.Get({4, 6}, opts);  // a's view still refers to a's buffer
+  EXPECT_NE(c.data_ptr(), first);
+  EXPECT_EQ(ring.size(), 2u);                // full: c's buffer is not kept
+  view = torch::Tensor();
+  torch::Tensor d = ring.Get({4, 6}, opts);
+  EXPECT_EQ(d.data_ptr(), first);
+  // A fresh tensor each time: not a view, with a version counter of its own.
+  EXPECT_FALSE(d.is_view());
+  EXPECT_EQ(d.sizes(), torch::IntArrayRef({4, 6}));
+  EXPECT_EQ(d.scalar_type(), torch::kBFloat16);
+  const auto b_version = b._version(), d_version = d._version();
+  d.fill_(1);
+  EXPECT_EQ(b._version(), b_version);
+  EXPECT_EQ(d._version(), d_version + 1);
+  // Other shapes and dtypes get buffers of their own.
+  EXPECT_NE(ring.Get({6, 4}, opts).data_ptr(), first);
+  d = torch::Tensor();
+  EXPECT_NE(ring.Get({4, 6}, torch::TensorOptions().dtype(torch::kFloat32)).data_ptr(), first);
+  // Cleared, the ring hands out new memory; tensors handed out keep theirs.
+  ring.Clear();
+  EXPECT_EQ(ring.size(), 0u);
+  b.fill_(2);
+  EXPECT_TRUE(torch::equal(b, torch::full({4, 6}, 2, opts)));
+}
+
 }  // namespace
 }  // namespace tune::model::ops

@@ -316,9 +316,13 @@ TEST(MemoryPlanTest, SelectiveKeepsAttentionOutputsAboveTheThreshold) {
   const Breakdown sel = PlanFor(in, 2, Checkpointing::kSelective),
                   res = PlanFor(residual_only, 2, Checkpointing::kSelective);
   EXPECT_EQ(sel.peak_phase, res.peak_phase);
-  EXPECT_EQ(sel.activations - res.activations, 32 * N * 32 * 4 + 2 * N * 8192);
+  // The log-sum-exps, and two layers' inputs and fused q/k/v outputs (4096 +
+  // 2 x 1024 columns) on the device while backward fetches them.
+  const int64_t qkv = (4096 + 2 * 1024) * 2;
+  EXPECT_EQ(sel.activations - res.activations, 32 * N * 32 * 4 + 2 * N * (8192 + qkv));
   EXPECT_EQ(sel.transient, res.transient);
-  EXPECT_EQ(sel.host, 32 * (N * 8192));  // 128 MiB each: a block size class of its own
+  // 128 and 192 MiB per layer: block size classes of their own.
+  EXPECT_EQ(sel.host, 32 * (N * 8192) + 32 * (N * qkv));
   EXPECT_EQ(res.host, 0);
   // Without the host memory: the plan does not fit, and the fixes say how.
   in.micro_batch_size = 2;
@@ -329,7 +333,7 @@ TEST(MemoryPlanTest, SelectiveKeepsAttentionOutputsAboveTheThreshold) {
   const MemoryPlan plan = ChoosePlan(in);
   EXPECT_FALSE(plan.fits);
   EXPECT_GT(plan.host_shortfall_bytes, 0);
-  EXPECT_NE(plan.fix.find("selective keeps the layer inputs there"), std::string::npos) << plan.fix;
+  EXPECT_NE(plan.fix.find("selective keeps the layer inputs and q/k/v outputs there"), std::string::npos) << plan.fix;
   EXPECT_NE(plan.fix.find("gradient_checkpointing: on"), std::string::npos) << plan.fix;
   // Where the model keeps the residual instead: at the threshold, with
   // packing (segment masks), in fp32, on CPU, with math attention.
