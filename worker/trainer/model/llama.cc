@@ -1023,8 +1023,10 @@ torch::Tensor LlamaForCausalLM::ForwardHidden(const torch::Tensor& input_ids, co
         kept->slab = slab;
         kept->slot = slot;
         // The input and q/k/v's output come back together (the companion),
-        // one layer ahead of the recompute that takes them.
-        input = offloader->NewStash();
+        // one layer ahead of the recompute that takes them; the last layer's
+        // stay on the device (its backward is the first, nothing would hide
+        // their copies back).
+        input = offloader->NewStash(/*stay_on_device=*/slot + 1 == static_cast<int64_t>(layers_.size()));
         qkv = offloader->NewCompanion(input);
       }
       auto attention = [this, lp, cos = cos, sin = sin, seg, kept, qkv](const torch::Tensor& x) {

@@ -161,7 +161,8 @@ class LlamaForCausalLM : public torch::nn::Module {
   // keeps its attention output (all layers' in one block, the MLP nodes'
   // inputs in another), and each layer's input and, when q/k/v fuse, its q/k/v
   // projection output wait in pinned host memory (model/offload.h, as with
-  // offload; the two come back together, one layer ahead). So the recompute
+  // offload; the two come back together, one layer ahead; the last layer's
+  // stay on the device). So the recompute
   // runs no attention forward, no o_proj and no q/k/v GEMM: only RMSNorm,
   // RoPE and the LoRA A product. The device holds per layer the residual after
   // attention and the attention output (as many bytes for Llama) plus the

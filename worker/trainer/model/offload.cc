@@ -121,8 +121,8 @@ class PinnedPool {
 
 class HostStash : public ops::ActivationStash {
  public:
-  HostStash(std::shared_ptr<HostOffloader::State> state, std::weak_ptr<HostStash> prev)
-      : state_(std::move(state)), prev_(std::move(prev)) {}
+  HostStash(std::shared_ptr<HostOffloader::State> state, std::weak_ptr<HostStash> prev, bool stay)
+      : state_(std::move(state)), prev_(std::move(prev)), stay_(stay) {}
 #ifdef TUNE_TORCH_CUDA
   ~HostStash() override { ReleaseBlock(); }
 #endif
@@ -133,6 +133,10 @@ class HostStash : public ops::ActivationStash {
     version_.emplace(x.unsafeGetTensorImpl()->version_counter());
     saved_version_ = x._version();
     torch::Tensor src = x.detach().contiguous();
+    if (stay_) {
+      device_ = src;  // Take() hands it back; nothing to fetch
+      return;
+    }
 #ifdef TUNE_TORCH_CUDA
     if (src.is_cuda()) {
       TORCH_CHECK(state_->side.has_value(), "activation offload: a CUDA tensor in a stash made for ",
@@ -183,6 +187,7 @@ class HostStash : public ops::ActivationStash {
   }
 
   bool MadeBy(const std::shared_ptr<HostOffloader::State>& state) const { return state_ == state; }
+  bool stays() const { return stay_; }
 
   // Makes `c` this stash's companion (taken out of the chain's end role).
   void SetCompanion(const std::shared_ptr<HostStash>& c) {
@@ -240,6 +245,7 @@ class HostStash : public ops::ActivationStash {
   std::weak_ptr<HostStash> prev_;
   std::weak_ptr<HostStash> companion_;  // fetched with this one (HostOffloader::NewCompanion)
   bool chained_ = true;                  // made by NewStash (false: a companion)
+  bool stay_ = false;                    // the tensor stays on its device (NewStash's stay_on_device)
   torch::Tensor host_, device_;
   std::optional<c10::VariableVersion> version_;  // x's counter (shared, not x's storage)
   uint32_t saved_version_ = 0;
@@ -258,9 +264,9 @@ HostOffloader::HostOffloader(torch::Device device) : state_(std::make_shared<Sta
 
 HostOffloader::~HostOffloader() = default;
 
-std::shared_ptr<ops::ActivationStash> HostOffloader::NewStash() {
+std::shared_ptr<ops::ActivationStash> HostOffloader::NewStash(bool stay_on_device) {
   auto prev = std::static_pointer_cast<HostStash>(state_->last.lock());
-  auto stash = std::make_shared<HostStash>(state_, prev);
+  auto stash = std::make_shared<HostStash>(state_, prev, stay_on_device);
   state_->last = stash;
   return stash;
 }
@@ -269,7 +275,7 @@ std::shared_ptr<ops::ActivationStash> HostOffloader::NewCompanion(const std::sha
   auto owner = std::dynamic_pointer_cast<HostStash>(with);
   TORCH_CHECK(owner != nullptr && owner->MadeBy(state_),
               "activation offload: a companion stash needs a stash of the same offloader");
-  auto stash = std::make_shared<HostStash>(state_, std::weak_ptr<HostStash>());
+  auto stash = std::make_shared<HostStash>(state_, std::weak_ptr<HostStash>(), owner->stays());
   owner->SetCompanion(stash);
   return stash;
 }

@@ -58,12 +58,18 @@ class HostOffloader {
   // the model does not offload on CPU).
   explicit HostOffloader(torch::Device device);
   ~HostOffloader();
-  std::shared_ptr<ops::ActivationStash> NewStash();
+  // `stay_on_device`: Put keeps the tensor where it is and Take hands it back
+  // (no copies), while the stash still takes its place in the chain (taking
+  // it prefetches its predecessor). For the last layer, whose backward comes
+  // first: its input would be fetched back right away, with nothing to
+  // overlap the copy.
+  std::shared_ptr<ops::ActivationStash> NewStash(bool stay_on_device = false);
   // A stash outside the chain that is fetched whenever `with` (made by
-  // NewStash of this offloader) is: a second tensor of the same layer, which
-  // backward needs right after `with`'s (selective recompute keeps the layer's
-  // q/k/v projection output this way). So while a layer's backward runs, the
-  // previous layer's input and its companion both come over.
+  // NewStash of this offloader) is, and stays on the device when `with` does:
+  // a second tensor of the same layer, which backward needs right after
+  // `with`'s (selective recompute keeps the layer's q/k/v projection output
+  // this way). So while a layer's backward runs, the previous layer's input
+  // and its companion both come over.
   std::shared_ptr<ops::ActivationStash> NewCompanion(const std::shared_ptr<ops::ActivationStash>& with);
 
   struct State;  // the device, copy stream and chain end, shared with the stashes (offload.cc)

@@ -409,7 +409,14 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   const int64_t chunk = std::min<int64_t>(R, kCrossEntropyChunk);
   // Fused: one bf16 [chunk, V] buffer, rewritten in place with dlogits.
   const int64_t chunk_bytes = in.fused_kernels ? chunk * V * cb : chunk * V * (cb == 4 ? 8 : cb + 8);
-  const int64_t ce_act = model_saved + N * H * ((in.fused_kernels ? cb : 4) + cb);
+  // Selective keeping attention outputs sends a fused q/k/v's output to the
+  // host beside the layer input, except the last layer's: both stay on the
+  // device for its backward, which comes first (llama.cc ForwardHidden).
+  const int64_t qkv_cols = (int64_t{c.num_attention_heads} + 2 * c.num_key_value_heads) * c.head_dim;
+  const int64_t qkv_output =
+      keeps_attention && FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? N * qkv_cols * cb : 0;
+  const int64_t last_layer_kept = keeps_attention ? N * H * cb + qkv_output : 0;
+  const int64_t ce_act = model_saved + last_layer_kept + N * H * ((in.fused_kernels ? cb : 4) + cb);
   const int64_t ce_logits = 2 * R * H * cb + chunk_bytes;
 
   // Phase B: backward of the last decoder layer (with checkpointing: its
@@ -442,11 +449,9 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // in host memory: the layer's input comes back to the device for the
   // recompute, and the previous layer's is already being prefetched (offload.h).
   // Selective keeping attention outputs sends a fused q/k/v's output along
-  // (llama.h AttentionHalf): it comes back with its layer's input.
+  // (llama.h AttentionHalf): it comes back with its layer's input (the last
+  // layer's two stay and count as the first pair fetched).
   const bool inputs_on_host = ckpt == Checkpointing::kOffload || keeps_attention;
-  const int64_t qkv_cols = (int64_t{c.num_attention_heads} + 2 * c.num_key_value_heads) * c.head_dim;
-  const int64_t qkv_output =
-      keeps_attention && FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? N * qkv_cols * cb : 0;
   const int64_t fetched = inputs_on_host ? 2 * (N * H * cb + qkv_output) : 0;
   const int64_t math = MathAttentionTransientPerToken(in) * N;
   int64_t layer_act = model_saved + fetched + (ckpt == Checkpointing::kOff ? 0 : layer + casts_per_layer) + math;
@@ -526,9 +531,11 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   }
   b.peak_allocated = persistent + b.activations + b.logits + b.transient + b.allreduce;
   if (inputs_on_host) {
-    // Pinned blocks per layer input and q/k/v output (offload.cc), and
-    // offload's untied embedding.
-    b.host = L * model::PinnedBlockBytes(N * H * cb) + (qkv_output > 0 ? L * model::PinnedBlockBytes(qkv_output) : 0) +
+    // Pinned blocks per layer input and q/k/v output (offload.cc; selective
+    // keeps the last layer's on the device), and offload's untied embedding.
+    const int64_t host_layers = keeps_attention ? L - 1 : L;
+    b.host = host_layers * model::PinnedBlockBytes(N * H * cb) +
+             (qkv_output > 0 ? host_layers * model::PinnedBlockBytes(qkv_output) : 0) +
              (ckpt == Checkpointing::kOffload && !c.tie_word_embeddings ? V * H * cb : 0);
   }
   b.reserved = RoundUp(static_cast<int64_t>(std::ceil(static_cast<double>(b.peak_allocated) * (1.0 + kFragmentation))),

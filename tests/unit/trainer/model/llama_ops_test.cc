@@ -348,6 +348,28 @@ TEST(HostOffloader, CompanionComesBackWithTheStashItFollows) {
   EXPECT_ANY_THROW(offloader.NewCompanion(other.NewStash()));
 }
 
+TEST(HostOffloader, AStayingStashHandsBackItsTensorAndStillPrefetches) {
+  HostOffloader offloader(torch::kCPU);
+  auto first = offloader.NewStash();
+  auto last = offloader.NewStash(/*stay_on_device=*/true);
+  auto companion = offloader.NewCompanion(last);
+  torch::Tensor x0 = torch::randn({2, 3}), x1 = torch::randn({2, 3}), y1 = torch::randn({2, 5});
+  first->Put(x0);
+  last->Put(x1);
+  companion->Put(y1);
+  // No copy: the same memory comes back.
+  EXPECT_EQ(last->Take().data_ptr(), x1.data_ptr());
+  EXPECT_EQ(companion->Take().data_ptr(), y1.data_ptr());
+  EXPECT_TRUE(torch::equal(first->Take(), x0));
+  EXPECT_ANY_THROW(last->Take());
+  // Like a saved tensor, a staying input written in place before backward is an error.
+  auto stays = offloader.NewStash(/*stay_on_device=*/true);
+  torch::Tensor x2 = torch::randn({2, 3});
+  stays->Put(x2);
+  x2.add_(1);
+  EXPECT_ANY_THROW(stays->Take());
+}
+
 TEST(FetchBufferRing, ReusesABufferOnlyOnceNothingRefersToIt) {
   FetchBufferRing ring(2);
   const auto opts = torch::TensorOptions().dtype(torch::kBFloat16);
