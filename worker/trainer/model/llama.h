@@ -162,11 +162,12 @@ class LlamaForCausalLM : public torch::nn::Module {
   // inputs in another), and each layer's input and, when q/k/v fuse, its q/k/v
   // projection output wait in pinned host memory (model/offload.h, as with
   // offload; the two come back together, one layer ahead; the last layer's
-  // stay on the device). So the recompute
-  // runs no attention forward, no o_proj and no q/k/v GEMM: only RMSNorm,
-  // RoPE and the LoRA A product. The device holds per layer the residual after
-  // attention and the attention output (as many bytes for Llama) plus the
-  // log-sum-exp: what it held when the input stayed there instead.
+  // stay on the device). So the recompute runs no attention forward, no
+  // o_proj and no q/k/v GEMM: only RMSNorm, RoPE and the LoRA A product. The
+  // device holds per layer the residual after attention and the attention
+  // output (as many bytes for Llama) plus the log-sum-exp: what it held when
+  // the input stayed there instead (and the last layer's input and q/k/v
+  // output).
   void SetSelectiveRecompute(bool on) { selective_ = on; }
   bool selective_recompute() const { return selective_; }
   void SetTraining(bool on) { training_ = on; }  // LoRA dropout on/off

@@ -25,11 +25,11 @@ inline constexpr int64_t kMlpChunkAbove = 65536;
 // each layer's checkpoint also keeps its attention output (and the kernel's
 // log-sum-exp), so the recompute runs no attention forward, while its input
 // and q/k/v output wait in pinned host memory, so the device holds as much as
-// before (llama.cc ForwardHidden, llama_ops.h AttentionKeepingOutput). The
-// attention forward it saves costs ~2 x seq x hidden FLOPs per token and
-// layer; the host copies ((hidden + q/k/v width) x dtype bytes per token and
-// layer each way) overlap compute. Below
-// the threshold the saving shrinks with the sequence (seq 4096: ~3% of a
+// before but for the last layer's two (llama.cc ForwardHidden, llama_ops.h
+// AttentionKeepingOutput). The attention forward it saves costs ~2 x seq x
+// hidden FLOPs per token and layer; the host copies ((hidden + q/k/v width) x
+// dtype bytes per token and layer each way) overlap compute. Below the
+// threshold the saving shrinks with the sequence (seq 4096: ~3% of a
 // Llama-3-8B step) and has not been weighed against the copies. It needs
 // cuDNN's fused attention (CUDA, torch >= 2.6, bf16/fp16) and no packing.
 // Here because the torch-free memory planner mirrors it.

@@ -55,8 +55,11 @@ namespace {
 // request takes the smallest idle block that is large enough, so micro-batches
 // of varying length share the blocks of the longest; only when none is large
 // enough is memory pinned, after unpinning the idle blocks that are too small
-// (they would only be smaller than later requests too). Process-wide and never
-// destroyed (blocks may outlive any one offloader).
+// (with one size per micro-batch they would only be smaller than later
+// requests too; with selective's two sizes, inputs and q/k/v outputs, a
+// longer micro-batch can unpin a block a later input could have used, which
+// costs pinning time, not memory). Process-wide and never destroyed (blocks
+// may outlive any one offloader).
 class PinnedPool {
  public:
   struct Block {

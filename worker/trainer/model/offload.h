@@ -2,7 +2,8 @@
 // offload`, and selective recompute where it keeps attention outputs, llama.h
 // SetSelectiveRecompute): each checkpointed layer's input waits in pinned host
 // memory between forward and backward instead of on the GPU (with selective,
-// its q/k/v projection output too, as the input's companion).
+// its q/k/v projection output too, as the input's companion; the last layer's
+// stay on the GPU).
 //
 // The copies run on a side CUDA stream so they overlap compute: in forward the
 // device-to-host copy of layer i's input runs while layer i computes; in
@@ -23,13 +24,14 @@
 
 namespace tune::model {
 
-// Device buffers that backward's fetches reuse. A fetched layer input lives
-// from its prefetch, one layer early, until its layer's backward ends, so a
-// fresh allocation per layer lands between that layer's transients and splits
-// the caching allocator's free blocks, and later large transients then need
-// new memory (reserved grew well beyond allocated with two fetched tensors per
-// layer). The ring's buffers are allocated once per backward and taken in
-// turn.
+// Device buffers that backward's fetches reuse (offload and selective alike).
+// A fetched layer input lives from its prefetch, one layer early, until its
+// layer's backward ends, so a fresh allocation per layer lands between that
+// layer's transients, where it can split the caching allocator's free blocks
+// so that later large transients need new memory: the likely reason reserved
+// grew 5.3 GiB beyond allocated with two fetched tensors per layer
+// (bench/README.md, ninth session). The ring's buffers are allocated once per
+// backward and taken in turn; its effect has not been measured yet.
 class FetchBufferRing {
  public:
   explicit FetchBufferRing(size_t capacity) : capacity_(capacity) {}

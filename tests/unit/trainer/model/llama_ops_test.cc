@@ -348,7 +348,7 @@ TEST(HostOffloader, CompanionComesBackWithTheStashItFollows) {
   EXPECT_ANY_THROW(offloader.NewCompanion(other.NewStash()));
 }
 
-TEST(HostOffloader, AStayingStashHandsBackItsTensorAndStillPrefetches) {
+TEST(HostOffloader, AStayingStashHandsBackItsOwnTensor) {
   HostOffloader offloader(torch::kCPU);
   auto first = offloader.NewStash();
   auto last = offloader.NewStash(/*stay_on_device=*/true);

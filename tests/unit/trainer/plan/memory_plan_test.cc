@@ -301,9 +301,11 @@ TEST(MemoryPlanTest, SelectiveKeepsTwoTensorsPerLayerAndRecomputesTheMlpInANode)
 
 // Above model::kKeepAttentionOutputAbove selective also keeps each layer's
 // attention output and its fp32 log-sum-exp (32 heads), while the layer
-// input waits in pinned host memory: against selective without kept outputs
-// (cuDNN not first) the device holds the log-sum-exp more per layer and the
-// fetched input plus the prefetched one; the host holds 32 inputs.
+// input and the fused q/k/v output wait in pinned host memory: against
+// selective without kept outputs (cuDNN not first) the device holds the
+// log-sum-exp more per layer and two layers' inputs and q/k/v outputs (the
+// layer's own and the prefetched ones); the host holds 31 of each (the last
+// layer's stay on the device).
 TEST(MemoryPlanTest, SelectiveKeepsAttentionOutputsAboveTheThreshold) {
   PlanInputs in = Fused8B(8192);
   ASSERT_TRUE(KeepsAttentionOutput(in));
