@@ -1,5 +1,6 @@
 #include "worker/trainer/model/offload.h"
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -20,18 +21,20 @@ namespace tune::model {
 
 torch::Tensor FetchBufferRing::Get(at::IntArrayRef sizes, const torch::TensorOptions& options) {
   torch::NoGradGuard no_grad;
-  for (const torch::Tensor& b : buffers_) {
-    // (A device given without an index, as torch::kCUDA, matches any index.)
-    const torch::Device want = options.device();
-    const bool same_device =
-        b.device().type() == want.type() && (!want.has_index() || b.device().index() == want.index());
-    if (b.sizes() == sizes && b.dtype() == options.dtype() && same_device && b.storage().use_count() == 1) {
-      return torch::empty({0}, b.options()).set_(b.storage(), 0, b.sizes(), b.strides());
-    }
+  // (A device given without an index, as torch::kCUDA, matches any index.)
+  const torch::Device want = options.device();
+  auto free_match = [&](const torch::Tensor& b) {
+    return b.sizes() == sizes && b.dtype() == options.dtype() && b.device().type() == want.type() &&
+           (!want.has_index() || b.device().index() == want.index()) && b.storage().use_count() == 1;
+  };
+  torch::Tensor b;
+  if (auto it = std::find_if(buffers_.begin(), buffers_.end(), free_match); it != buffers_.end()) {
+    b = *it;
+  } else {
+    b = torch::empty(sizes, options);
+    if (buffers_.size() >= capacity_) return b;
+    buffers_.push_back(b);
   }
-  torch::Tensor b = torch::empty(sizes, options);
-  if (buffers_.size() >= capacity_) return b;
-  buffers_.push_back(b);
   return torch::empty({0}, b.options()).set_(b.storage(), 0, b.sizes(), b.strides());
 }
 

@@ -10,8 +10,8 @@
 // backward, taking layer i's input starts the host-to-device copy of layer
 // i-1's input (and its companion), which then overlaps layer i's recompute
 // and backward. So at most two layer inputs (and companions) are on the device
-// at once. Gradients never pass
-// through host memory (ops::Checkpoint returns x's gradient on the device).
+// at once. Gradients never pass through host memory (ops::Checkpoint returns
+// x's gradient on the device).
 #ifndef TUNE_WORKER_TRAINER_MODEL_OFFLOAD_H_
 #define TUNE_WORKER_TRAINER_MODEL_OFFLOAD_H_
 

@@ -37,6 +37,9 @@ bool FusesGroup(const PlanInputs& in, const std::vector<std::string>& group) {
   return !(in.lora_dropout > 0 && IsTarget(in, group[0]));
 }
 
+// Whether q/k/v run as one projection (llama.cc FusedProjection).
+bool FusesQkv(const PlanInputs& in) { return FusesGroup(in, {"q_proj", "k_proj", "v_proj"}); }
+
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One LoRA tensor's AdamW states (AdamW::StateBytes, AdamWOptions defaults:
@@ -413,8 +416,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   // host beside the layer input, except the last layer's: both stay on the
   // device for its backward, which comes first (llama.cc ForwardHidden).
   const int64_t qkv_cols = (int64_t{c.num_attention_heads} + 2 * c.num_key_value_heads) * c.head_dim;
-  const int64_t qkv_output =
-      keeps_attention && FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? N * qkv_cols * cb : 0;
+  const int64_t qkv_output = keeps_attention && FusesQkv(in) ? N * qkv_cols * cb : 0;
   const int64_t last_layer_kept = keeps_attention ? N * H * cb + qkv_output : 0;
   const int64_t ce_act = model_saved + last_layer_kept + N * H * ((in.fused_kernels ? cb : 4) + cb);
   const int64_t ce_logits = 2 * R * H * cb + chunk_bytes;
@@ -429,7 +431,7 @@ Breakdown PlanForTokens(const PlanInputs& in, int micro, Checkpointing ckpt) {
   int64_t dequant = 0, kept_attn = 0, kept_mlp = 0;
   if (in.base == "nf4") {
     const int64_t qd = int64_t{c.num_attention_heads} * c.head_dim, kvd = int64_t{c.num_key_value_heads} * c.head_dim;
-    const int64_t qkv = FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? H * (qd + 2 * kvd) : H * qd;
+    const int64_t qkv = FusesQkv(in) ? H * (qd + 2 * kvd) : H * qd;
     const int64_t gate_up = FusesGroup(in, {"gate_proj", "up_proj"}) ? 2 * H * I : H * I;
     // The fused kernel writes bf16 directly (into each member's rows of a
     // stacked group). The torch path holds int64 packed indices + fp32 values
@@ -683,7 +685,7 @@ MemoryPlan ChoosePlan(const PlanInputs& in) {
     const bool selective = plan.checkpointing == Checkpointing::kSelective;
     fixes.push_back("give each rank at least " + FormatBytes(need) + " of available host memory (" +
                     (selective ? std::string("selective keeps the layer inputs") +
-                                     (FusesGroup(in, {"q_proj", "k_proj", "v_proj"}) ? " and q/k/v outputs" : "") +
+                                     (FusesQkv(in) ? " and q/k/v outputs" : "") +
                                      " there on sequences over " +
                                      std::to_string(model::kKeepAttentionOutputAbove) + " tokens"
                                : std::string("offload keeps the layer inputs and the embedding there")) +
@@ -747,7 +749,7 @@ std::string FormatPlan(const PlanInputs& in, const MemoryPlan& plan) {
   row("budget", plan.budget_bytes, std::string("(") + margin + " of " + FormatBytes(plan.free_bytes) + " free)");
   if (b.host > 0) {
     const bool embedding = plan.checkpointing == Checkpointing::kOffload && !in.model.tie_word_embeddings;
-    const bool qkv = plan.checkpointing == Checkpointing::kSelective && FusesGroup(in, {"q_proj", "k_proj", "v_proj"});
+    const bool qkv = plan.checkpointing == Checkpointing::kSelective && FusesQkv(in);
     row("host", b.host, std::string("(pinned layer inputs") + (embedding ? " + embedding" : "") +
                             (qkv ? " + q/k/v outputs" : "") + "; " +
                             (plan.host_budget_bytes > 0 ? "budget " + FormatBytes(plan.host_budget_bytes)
