@@ -141,6 +141,56 @@ void ReleaseCachedMemory(const torch::Device& device) {
 #endif
 }
 
+// One log line on how the caching allocator holds its reserved memory once
+// training ends: per segment, its runs of allocated (A) and free (F) blocks in
+// address order. Free runs between allocated ones are memory that peak
+// reserved counts but no tensor used at the end: the fragmentation that the
+// plan's reserved slack has to cover.
+void LogAllocatorLayout(const torch::Device& device) {
+#ifdef TUNE_TORCH_CUDA
+  if (!device.is_cuda()) return;
+#if TORCH_VERSION_MAJOR >= 2
+  const auto segments = c10::cuda::CUDACachingAllocator::snapshot().segments;
+#else
+  const auto segments = c10::cuda::CUDACachingAllocator::snapshot();
+#endif
+  auto mib = [](int64_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20); };
+  int64_t reserved = 0, allocated = 0, small = 0;
+  std::string layout;
+  for (const auto& segment : segments) {
+    reserved += segment.total_size;
+    allocated += segment.allocated_size;
+    if (!segment.is_large) {
+      small += segment.total_size;
+      continue;
+    }
+    layout += " [";
+    bool first = true;
+    int64_t run = 0;
+    bool run_allocated = false;
+    auto flush = [&]() {
+      if (run == 0) return;
+      layout += std::string(first ? "" : " ") + (run_allocated ? "A" : "F") + mib(run);
+      first = false;
+    };
+    for (const auto& block : segment.blocks) {
+      if (run > 0 && block.allocated != run_allocated) {
+        flush();
+        run = 0;
+      }
+      run_allocated = block.allocated;
+      run += block.size;
+    }
+    flush();
+    layout += "]";
+  }
+  LogInfo("allocator at the end of training: " + mib(reserved) + " MiB reserved, " + mib(allocated) +
+          " MiB allocated, " + mib(small) + " MiB in small-block segments; large segments (MiB):" + layout);
+#else
+  (void)device;
+#endif
+}
+
 // Appends to a bounded history (the NAN_ABORT diagnosis shows the last few).
 void PushRecent(std::deque<double>* history, double value) {
   constexpr size_t kKeep = 10;
@@ -1030,6 +1080,7 @@ int Trainer::Train() {
     }
     ++step;
   }
+  if (IsRoot()) LogAllocatorLayout(device_);
   SaveCheckpoint();
   Finish();
   return kExitOk;
