@@ -141,12 +141,13 @@ void ReleaseCachedMemory(const torch::Device& device) {
 #endif
 }
 
-// One log line on how the caching allocator holds its reserved memory once
-// training ends: per segment, its runs of allocated (A) and free (F) blocks in
-// address order. Free runs between allocated ones are memory that peak
-// reserved counts but no tensor used at the end: the fragmentation that the
-// plan's reserved slack has to cover.
-void LogAllocatorLayout(const torch::Device& device) {
+// One log line on how the caching allocator holds its reserved memory at
+// `when`: per large segment, its runs of allocated (A), freed but waiting for
+// another stream's use to finish (W: recordStream), and free (F) blocks in
+// address order. Free runs between allocated ones are memory that reserved
+// counts but no tensor uses: the fragmentation that the plan's reserved slack
+// has to cover.
+void LogAllocatorLayout(const torch::Device& device, const std::string& when) {
 #ifdef TUNE_TORCH_CUDA
   if (!device.is_cuda()) return;
 #if TORCH_VERSION_MAJOR >= 2
@@ -167,24 +168,25 @@ void LogAllocatorLayout(const torch::Device& device) {
     layout += " [";
     bool first = true;
     int64_t run = 0;
-    bool run_allocated = false;
+    char run_state = 'F';
     auto flush = [&]() {
       if (run == 0) return;
-      layout += std::string(first ? "" : " ") + (run_allocated ? "A" : "F") + mib(run);
+      layout += std::string(first ? "" : " ") + run_state + mib(run);
       first = false;
     };
     for (const auto& block : segment.blocks) {
-      if (run > 0 && block.allocated != run_allocated) {
+      const char state = block.allocated ? 'A' : block.active ? 'W' : 'F';
+      if (run > 0 && state != run_state) {
         flush();
         run = 0;
       }
-      run_allocated = block.allocated;
+      run_state = state;
       run += block.size;
     }
     flush();
     layout += "]";
   }
-  LogInfo("allocator at the end of training: " + mib(reserved) + " MiB reserved, " + mib(allocated) +
+  LogInfo("allocator " + when + ": " + mib(reserved) + " MiB reserved, " + mib(allocated) +
           " MiB allocated, " + mib(small) + " MiB in small-block segments; large segments (MiB):" + layout);
 #else
   (void)device;
@@ -828,11 +830,14 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
           // numeric blow-up looks like (NaN loss and NaN gradients).
           loss_sum = loss_sum * std::numeric_limits<float>::quiet_NaN();
         }
-        first = false;
         // The loss's graph keeps what it needs (its own copy of the rows);
         // holding the final hidden states through backward would cost one
         // more [tokens, hidden] tensor at the peak.
         hidden = torch::Tensor();
+        if (first && step == max_steps_ && IsRoot()) {
+          LogAllocatorLayout(device_, "before the last step's first backward");
+        }
+        first = false;
         // fp16: scaled so small gradients survive; unscaled after the all-reduce.
         {
           RECORD_USER_SCOPE("tune::backward");
@@ -1080,7 +1085,7 @@ int Trainer::Train() {
     }
     ++step;
   }
-  if (IsRoot()) LogAllocatorLayout(device_);
+  if (IsRoot()) LogAllocatorLayout(device_, "at the end of training");
   SaveCheckpoint();
   Finish();
   return kExitOk;
