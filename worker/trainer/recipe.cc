@@ -186,8 +186,14 @@ void LogAllocatorLayout(const torch::Device& device, const std::string& when) {
     flush();
     layout += "]";
   }
+  // Peak active counts freed blocks still waiting for another stream's use
+  // (recordStream) as well: well above peak allocated, they are what grew
+  // reserved.
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device.index()));
   LogInfo("allocator " + when + ": " + mib(reserved) + " MiB reserved, " + mib(allocated) +
-          " MiB allocated, " + mib(small) + " MiB in small-block segments; large segments (MiB):" + layout);
+          " MiB allocated (peaks since the start: " + mib(stats.allocated_bytes[0].peak) + " allocated, " +
+          mib(stats.active_bytes[0].peak) + " active), " + mib(small) +
+          " MiB in small-block segments; large segments (MiB):" + layout);
 #else
   (void)device;
 #endif

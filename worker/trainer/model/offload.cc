@@ -1,6 +1,8 @@
 #include "worker/trainer/model/offload.h"
 
 #include <algorithm>
+#include <deque>
+#include <limits>
 #include <optional>
 #include <utility>
 
@@ -40,13 +42,53 @@ torch::Tensor FetchBufferRing::Get(at::IntArrayRef sizes, const torch::TensorOpt
 
 struct HostOffloader::State {
   explicit State(torch::Device d) : device(d) {}
+#ifdef TUNE_TORCH_CUDA
+  ~State() {
+    try {
+      ReleaseOutgoing();  // stashes Put after their offloader ended, never taken
+    } catch (const c10::Error&) {
+      // The device is already in error; nothing queued after this runs.
+    }
+  }
+#endif
   torch::Device device;
   // Where fetches land: per layer an input and a companion, with the
   // previous layer's prefetched, so two of each in turn (and room for more).
   FetchBufferRing buffers{6};
   std::weak_ptr<ops::ActivationStash> last;  // the most recent stash (the next one's predecessor)
+  int64_t layers_put = 0;                    // chained stashes Put so far (one per layer)
 #ifdef TUNE_TORCH_CUDA
   std::optional<c10::cuda::CUDAStream> side;  // the copy stream (CUDA devices only)
+
+  // A device tensor whose copy to the host may still run, the event recorded
+  // after that copy, the stream that made the tensor (which waits for the copy
+  // before the tensor is dropped), and the layer (layers_put) it belongs to.
+  struct Outgoing {
+    torch::Tensor src;
+    std::shared_ptr<at::cuda::CUDAEvent> copied;
+    c10::cuda::CUDAStream stream;
+    int64_t layer = 0;
+  };
+  // Oldest first. Why the sources are held here rather than handed to the
+  // allocator with recordStream: the allocator reuses a block freed that way
+  // only once the host sees the copy finished, and the host runs many layers
+  // ahead of the device in forward, so every layer's input (and companion)
+  // would stay unusable until the device caught up, invisible to the
+  // allocated-bytes figures (the likely source of the 5 GiB that selective's
+  // reserved held beyond its allocated at seq 8192, bench/README.md).
+  std::deque<Outgoing> outgoing;
+
+  // Releases the sources of layers before `keep_from` (all by default): the
+  // stream that made each first waits for its copy, so memory freed now is
+  // safe for anything queued there after this point (the allocator hands a
+  // block out again only to the stream that allocated it), and the allocator
+  // can hand it out at once.
+  void ReleaseOutgoing(int64_t keep_from = std::numeric_limits<int64_t>::max()) {
+    while (!outgoing.empty() && outgoing.front().layer < keep_from) {
+      outgoing.front().copied->block(outgoing.front().stream);
+      outgoing.pop_front();
+    }
+  }
 #endif
 };
 
@@ -138,9 +180,13 @@ class HostStash : public ops::ActivationStash {
     // (the copy may not have read it yet, and the recompute would differ).
     version_.emplace(x.unsafeGetTensorImpl()->version_counter());
     saved_version_ = x._version();
+    if (chained_) ++state_->layers_put;
     torch::Tensor src = x.detach().contiguous();
     if (stay_) {
       device_ = src;  // Take() hands it back; nothing to fetch
+#ifdef TUNE_TORCH_CUDA
+      if (src.is_cuda()) state_->ReleaseOutgoing(state_->layers_put - 1);  // as a copied layer would
+#endif
       return;
     }
 #ifdef TUNE_TORCH_CUDA
@@ -161,9 +207,12 @@ class HostStash : public ops::ActivationStash {
       }
       block_.last_use = std::make_shared<at::cuda::CUDAEvent>();
       block_.last_use->record(side);
-      // x may be freed by main right after this; its block must not be
-      // reused before the side stream has read it.
-      c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), side);
+      // x must not be reused before the side stream has read it: its source
+      // is held until the layer after next (two layers of compute for the
+      // copy to finish) or the forward's end, and released behind a wait on
+      // main (State::outgoing).
+      state_->outgoing.push_back({std::move(src), block_.last_use, main, state_->layers_put});
+      state_->ReleaseOutgoing(state_->layers_put - 1);
       return;
     }
 #endif
@@ -177,6 +226,10 @@ class HostStash : public ops::ActivationStash {
                 "retain_graph, is not supported with gradient_checkpointing: offload, or selective on long sequences)");
     TORCH_CHECK(version_.has_value() && version_->current_version() == saved_version_,
                 "activation offload: a checkpointed layer input was modified in place after the forward pass");
+#ifdef TUNE_TORCH_CUDA
+    // Backward has begun (normally the offloader's end already released them).
+    if (state_->device.is_cuda()) state_->ReleaseOutgoing();
+#endif
     Fetch();
     torch::Tensor out = std::move(device_);
 #ifdef TUNE_TORCH_CUDA
@@ -268,7 +321,19 @@ HostOffloader::HostOffloader(torch::Device device) : state_(std::make_shared<Sta
 #endif
 }
 
-HostOffloader::~HostOffloader() = default;
+HostOffloader::~HostOffloader() {
+#ifdef TUNE_TORCH_CUDA
+  // The forward is over (llama.cc ForwardHidden's offloader): the copies
+  // still held (the two latest layers put) started a layer or more ago, so
+  // this wait is normally free, and the cross-entropy that follows gets their
+  // memory.
+  try {
+    state_->ReleaseOutgoing();
+  } catch (const c10::Error&) {
+    // The device is already in error (the forward is unwinding); nothing queued after this runs.
+  }
+#endif
+}
 
 std::shared_ptr<ops::ActivationStash> HostOffloader::NewStash(bool stay_on_device) {
   auto prev = std::static_pointer_cast<HostStash>(state_->last.lock());

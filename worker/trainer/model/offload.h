@@ -9,9 +9,15 @@
 // device-to-host copy of layer i's input runs while layer i computes; in
 // backward, taking layer i's input starts the host-to-device copy of layer
 // i-1's input (and its companion), which then overlaps layer i's recompute
-// and backward. So at most two layer inputs (and companions) are on the device
-// at once. Gradients never pass through host memory (ops::Checkpoint returns
-// x's gradient on the device).
+// and backward. So in backward at most two layer inputs (and companions) are
+// on the device at once. Gradients never pass through host memory
+// (ops::Checkpoint returns x's gradient on the device).
+//
+// In forward, a copy's device source is held until the layer after next has
+// been Put, or the offloader ends, and then freed behind a wait of the stream
+// that made it on the copy: memory the caching allocator can reuse at once,
+// where a recordStream'd free stays unusable until the host sees the copy
+// done, and the host runs many layers ahead of the device.
 #ifndef TUNE_WORKER_TRAINER_MODEL_OFFLOAD_H_
 #define TUNE_WORKER_TRAINER_MODEL_OFFLOAD_H_
 
@@ -59,6 +65,8 @@ class HostOffloader {
   // build without CUDA, the stash copies synchronously (a correct fallback;
   // the model does not offload on CPU).
   explicit HostOffloader(torch::Device device);
+  // Releases the device sources of copies still held (the two latest layers
+  // put), each behind a wait of the stream that made it on its copy.
   ~HostOffloader();
   // `stay_on_device`: Put keeps the tensor where it is and Take hands it back
   // (no copies), while the stash still takes its place in the chain (taking

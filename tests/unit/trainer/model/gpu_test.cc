@@ -13,14 +13,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 
 #include "tests/unit/trainer/model/test_util.h"
 #include "worker/trainer/model/cuda_ops.h"
 #include "worker/trainer/model/llama.h"
 #include "worker/trainer/model/llama_ops.h"
 #include "worker/trainer/model/nf4.h"
+#include "worker/trainer/model/offload.h"
 
 #ifdef TUNE_TORCH_CUDA
+#include <ATen/cuda/Sleep.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #define TUNE_GPU_TEST_HAVE_ALLOCATOR_STATS 1
 #endif
@@ -244,6 +247,78 @@ TEST(Gpu, OffloadMatchesOnDeviceCheckpointing) {
               loss_on, peak_off * 1024, peak_on * 1024);
   m->SetActivationOffload(false);
   EXPECT_FALSE(m->embedding_on_host());
+}
+
+// The forward's copies to the host while the host runs ahead of the device
+// (a spinning kernel holds the device back, as a long forward does): each
+// source the caller dropped (a layer input and its companion) is held until
+// the layer after next is Put, then freed behind a wait on the copy, so at
+// most two layers' sources occupy device memory, none of it
+// freed-but-unusable (active minus allocated: what recordStream would leave,
+// all eight layers' here); the values come back intact.
+TEST(Gpu, OffloadHoldsOnlyTheLatestTwoLayersSources) {
+#ifndef TUNE_GPU_TEST_HAVE_ALLOCATOR_STATS
+  GTEST_SKIP() << "built without CUDA allocator stats";
+#else
+  const int64_t elems = int64_t{16} << 20;  // 32 MiB of bf16 per layer input, 16 MiB per companion
+  const int64_t layer_bytes = elems * 2 + elems;
+  const auto opts = torch::dtype(torch::kBFloat16).device(torch::kCUDA, 0);
+  auto value = [](int layer, int which) { return static_cast<double>(2 * layer + which); };
+  auto forward = [&](HostOffloader& offloader, std::vector<std::shared_ptr<ops::ActivationStash>>* stashes,
+                     const std::function<void()>& after_put) {
+    for (int i = 0; i < 8; ++i) {
+      auto input = offloader.NewStash();
+      auto companion = offloader.NewCompanion(input);
+      input->Put(torch::full({elems}, value(i, 0), opts));
+      companion->Put(torch::full({elems / 2}, value(i, 1), opts));
+      stashes->push_back(input);
+      stashes->push_back(companion);
+      after_put();
+    }
+  };
+  auto take_back = [&](std::vector<std::shared_ptr<ops::ActivationStash>>& stashes) {
+    for (int i = 7; i >= 0; --i) {
+      for (int which : {0, 1}) {
+        const torch::Tensor back = stashes[2 * i + which]->Take().cpu();
+        EXPECT_TRUE(torch::equal(back, torch::full({which == 0 ? elems : elems / 2}, value(i, which),
+                                                   torch::kBFloat16)))
+            << "layer " << i << (which == 0 ? " input" : " companion");
+      }
+    }
+  };
+  {
+    // Pins the host blocks first: pinning can wait for the device, which
+    // would end the spin early.
+    std::vector<std::shared_ptr<ops::ActivationStash>> warm;
+    HostOffloader offloader(torch::Device(torch::kCUDA, 0));
+    forward(offloader, &warm, [] {});
+    take_back(warm);
+  }
+  torch::cuda::synchronize();
+  c10::cuda::CUDACachingAllocator::emptyCache();  // a clean baseline: no cached or waiting blocks
+  // One cached block the loop's tensors are cut from (a fresh device
+  // allocation could wait for the device too).
+  torch::empty({int64_t{256} << 20}, torch::dtype(torch::kUInt8).device(torch::kCUDA, 0));
+  auto stats = [] { return c10::cuda::CUDACachingAllocator::getDeviceStats(0); };
+  const int64_t active0 = stats().active_bytes[0].current, allocated0 = stats().allocated_bytes[0].current;
+  std::vector<std::shared_ptr<ops::ActivationStash>> stashes;
+  {
+    HostOffloader offloader(torch::Device(torch::kCUDA, 0));
+    at::cuda::sleep(int64_t{2} << 30);  // ~1 s at ~2 GHz: every copy waits behind it
+    int64_t most_held = 0, layer = 0;
+    forward(offloader, &stashes, [&] {
+      const auto s = stats();
+      most_held = std::max(most_held, s.active_bytes[0].current - active0);
+      EXPECT_EQ(s.active_bytes[0].current - active0, s.allocated_bytes[0].current - allocated0) << "layer " << layer;
+      ++layer;
+    });
+    EXPECT_LE(most_held, 2 * layer_bytes);
+    EXPECT_EQ(stats().allocated_bytes[0].current - allocated0, 2 * layer_bytes);
+  }
+  // The offloader's end released the last two layers' behind a wait.
+  EXPECT_EQ(stats().active_bytes[0].current, active0);
+  take_back(stashes);
+#endif
 }
 
 // bf16 with the fused kernels: selective recompute and the chunked MLP node
