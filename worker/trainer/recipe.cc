@@ -156,11 +156,9 @@ void LogAllocatorLayout(const torch::Device& device, const std::string& when) {
   const auto segments = c10::cuda::CUDACachingAllocator::snapshot();
 #endif
   auto mib = [](int64_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20); };
-  int64_t reserved = 0, allocated = 0, small = 0;
+  int64_t small = 0;
   std::string layout;
   for (const auto& segment : segments) {
-    reserved += segment.total_size;
-    allocated += segment.allocated_size;
     if (!segment.is_large) {
       small += segment.total_size;
       continue;
@@ -190,10 +188,10 @@ void LogAllocatorLayout(const torch::Device& device, const std::string& when) {
   // (recordStream) as well: well above peak allocated, they are what grew
   // reserved.
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device.index()));
-  LogInfo("allocator " + when + ": " + mib(reserved) + " MiB reserved, " + mib(allocated) +
-          " MiB allocated (peaks since the start: " + mib(stats.allocated_bytes[0].peak) + " allocated, " +
-          mib(stats.active_bytes[0].peak) + " active), " + mib(small) +
-          " MiB in small-block segments; large segments (MiB):" + layout);
+  LogInfo("allocator " + when + ": " + mib(stats.reserved_bytes[0].current) + " MiB reserved, " +
+          mib(stats.allocated_bytes[0].current) + " MiB allocated (peaks since the start: " +
+          mib(stats.allocated_bytes[0].peak) + " allocated, " + mib(stats.active_bytes[0].peak) + " active), " +
+          mib(small) + " MiB in small-block segments; large segments (MiB):" + layout);
 #else
   (void)device;
 #endif

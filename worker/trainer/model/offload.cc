@@ -43,13 +43,7 @@ torch::Tensor FetchBufferRing::Get(at::IntArrayRef sizes, const torch::TensorOpt
 struct HostOffloader::State {
   explicit State(torch::Device d) : device(d) {}
 #ifdef TUNE_TORCH_CUDA
-  ~State() {
-    try {
-      ReleaseOutgoing();  // stashes Put after their offloader ended, never taken
-    } catch (const c10::Error&) {
-      // The device is already in error; nothing queued after this runs.
-    }
-  }
+  ~State() { ReleaseAllOutgoing(); }  // stashes Put after their offloader ended, never taken
 #endif
   torch::Device device;
   // Where fetches land: per layer an input and a companion, with the
@@ -87,6 +81,14 @@ struct HostOffloader::State {
     while (!outgoing.empty() && outgoing.front().layer < keep_from) {
       outgoing.front().copied->block(outgoing.front().stream);
       outgoing.pop_front();
+    }
+  }
+  // All of them, for destructors: a device already in error (a forward
+  // unwinding from it) runs nothing queued after this anyway.
+  void ReleaseAllOutgoing() noexcept {
+    try {
+      ReleaseOutgoing();
+    } catch (const c10::Error&) {
     }
   }
 #endif
@@ -180,13 +182,17 @@ class HostStash : public ops::ActivationStash {
     // (the copy may not have read it yet, and the recompute would differ).
     version_.emplace(x.unsafeGetTensorImpl()->version_counter());
     saved_version_ = x._version();
-    if (chained_) ++state_->layers_put;
+    if (chained_) {
+      ++state_->layers_put;
+#ifdef TUNE_TORCH_CUDA
+      // A new layer: the sources of those before the previous one go
+      // (State::outgoing).
+      state_->ReleaseOutgoing(state_->layers_put - 1);
+#endif
+    }
     torch::Tensor src = x.detach().contiguous();
     if (stay_) {
       device_ = src;  // Take() hands it back; nothing to fetch
-#ifdef TUNE_TORCH_CUDA
-      if (src.is_cuda()) state_->ReleaseOutgoing(state_->layers_put - 1);  // as a copied layer would
-#endif
       return;
     }
 #ifdef TUNE_TORCH_CUDA
@@ -212,7 +218,6 @@ class HostStash : public ops::ActivationStash {
       // copy to finish) or the forward's end, and released behind a wait on
       // main (State::outgoing).
       state_->outgoing.push_back({std::move(src), block_.last_use, main, state_->layers_put});
-      state_->ReleaseOutgoing(state_->layers_put - 1);
       return;
     }
 #endif
@@ -228,7 +233,7 @@ class HostStash : public ops::ActivationStash {
                 "activation offload: a checkpointed layer input was modified in place after the forward pass");
 #ifdef TUNE_TORCH_CUDA
     // Backward has begun (normally the offloader's end already released them).
-    if (state_->device.is_cuda()) state_->ReleaseOutgoing();
+    state_->ReleaseOutgoing();
 #endif
     Fetch();
     torch::Tensor out = std::move(device_);
@@ -327,11 +332,7 @@ HostOffloader::~HostOffloader() {
   // still held (the two latest layers put) started a layer or more ago, so
   // this wait is normally free, and the cross-entropy that follows gets their
   // memory.
-  try {
-    state_->ReleaseOutgoing();
-  } catch (const c10::Error&) {
-    // The device is already in error (the forward is unwinding); nothing queued after this runs.
-  }
+  state_->ReleaseAllOutgoing();
 #endif
 }
 

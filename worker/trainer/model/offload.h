@@ -32,12 +32,13 @@ namespace tune::model {
 
 // Device buffers that backward's fetches reuse (offload and selective alike).
 // A fetched layer input lives from its prefetch, one layer early, until its
-// layer's backward ends, so a fresh allocation per layer lands between that
-// layer's transients, where it can split the caching allocator's free blocks
-// so that later large transients need new memory: the likely reason reserved
-// grew 5.3 GiB beyond allocated with two fetched tensors per layer
-// (bench/README.md, ninth session). The ring's buffers are allocated once per
-// backward and taken in turn; its effect has not been measured yet.
+// layer's backward ends; allocated fresh per layer it would land between that
+// layer's transients, and freed behind the copy stream's use (recordStream)
+// the allocator could not reuse it until the host saw that copy done. The
+// ring's buffers are allocated once per backward and taken in turn. Measured
+// (bench/README.md, tenth session), it did not lower selective's reserved
+// memory at seq 8192 (the forward's copies were the likelier cause) and holds
+// 0.3 GiB more.
 class FetchBufferRing {
  public:
   explicit FetchBufferRing(size_t capacity) : capacity_(capacity) {}
