@@ -68,8 +68,9 @@ struct HostOffloader::State {
   // only once the host sees the copy finished, and the host runs many layers
   // ahead of the device in forward, so every layer's input (and companion)
   // would stay unusable until the device caught up, invisible to the
-  // allocated-bytes figures (the likely source of the 5 GiB that selective's
-  // reserved held beyond its allocated at seq 8192, bench/README.md).
+  // allocated-bytes figures: at seq 8192 selective reserved 5 GiB beyond its
+  // allocated that way, 0.4 GiB with the sources held (bench/README.md,
+  // tenth and eleventh sessions).
   std::deque<Outgoing> outgoing;
 
   // Releases the sources of layers before `keep_from` (all by default): the

@@ -37,8 +37,8 @@ namespace tune::model {
 // the allocator could not reuse it until the host saw that copy done. The
 // ring's buffers are allocated once per backward and taken in turn. Measured
 // (bench/README.md, tenth session), it did not lower selective's reserved
-// memory at seq 8192 (the forward's copies were the likelier cause) and holds
-// 0.3 GiB more.
+// memory at seq 8192 (the forward's copies were the cause, eleventh session)
+// and holds 0.3 GiB more.
 class FetchBufferRing {
  public:
   explicit FetchBufferRing(size_t capacity) : capacity_(capacity) {}
