@@ -141,6 +141,29 @@ void ReleaseCachedMemory(const torch::Device& device) {
 #endif
 }
 
+struct VramStats {
+  // peak: allocated bytes since the start. peak_active also counts freed
+  // blocks still waiting for another stream's use (recordStream): well above
+  // peak, they are memory reserved grew for that no tensor held.
+  double allocated = 0, reserved = 0, peak = 0, peak_active = 0;
+};
+
+VramStats ReadVram(const torch::Device& device) {
+  VramStats v;
+#ifdef TUNE_TORCH_CUDA
+  if (device.is_cuda()) {
+    // Index 0 of the stat arrays is the aggregate over pool types in every
+    // torch version we build against (1.13 .. 2.x).
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device.index()));
+    v.allocated = static_cast<double>(stats.allocated_bytes[0].current);
+    v.reserved = static_cast<double>(stats.reserved_bytes[0].current);
+    v.peak = static_cast<double>(stats.allocated_bytes[0].peak);
+    v.peak_active = static_cast<double>(stats.active_bytes[0].peak);
+  }
+#endif
+  return v;
+}
+
 // One log line on how the caching allocator holds its reserved memory at
 // `when`: per large segment, its runs of allocated (A), freed but waiting for
 // another stream's use to finish (W: recordStream), and free (F) blocks in
@@ -155,7 +178,7 @@ void LogAllocatorLayout(const torch::Device& device, const std::string& when) {
 #else
   const auto segments = c10::cuda::CUDACachingAllocator::snapshot();
 #endif
-  auto mib = [](int64_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20); };
+  auto mib = [](double bytes) { return std::to_string((static_cast<int64_t>(bytes) + (1 << 19)) >> 20); };
   int64_t small = 0;
   std::string layout;
   for (const auto& segment : segments) {
@@ -184,14 +207,10 @@ void LogAllocatorLayout(const torch::Device& device, const std::string& when) {
     flush();
     layout += "]";
   }
-  // Peak active counts freed blocks still waiting for another stream's use
-  // (recordStream) as well: well above peak allocated, they are what grew
-  // reserved.
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device.index()));
-  LogInfo("allocator " + when + ": " + mib(stats.reserved_bytes[0].current) + " MiB reserved, " +
-          mib(stats.allocated_bytes[0].current) + " MiB allocated (peaks since the start: " +
-          mib(stats.allocated_bytes[0].peak) + " allocated, " + mib(stats.active_bytes[0].peak) + " active), " +
-          mib(small) + " MiB in small-block segments; large segments (MiB):" + layout);
+  const VramStats vram = ReadVram(device);
+  LogInfo("allocator " + when + ": " + mib(vram.reserved) + " MiB reserved, " + mib(vram.allocated) +
+          " MiB allocated (peaks since the start: " + mib(vram.peak) + " allocated, " + mib(vram.peak_active) +
+          " active), " + mib(small) + " MiB in small-block segments; large segments (MiB):" + layout);
 #else
   (void)device;
 #endif
@@ -223,25 +242,6 @@ uint64_t StepSeed(uint64_t seed, int64_t step, int rank) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return (z ^ (z >> 31)) & 0x7fffffffffffffffULL;
-}
-
-struct VramStats {
-  double allocated = 0, reserved = 0, peak = 0;
-};
-
-VramStats ReadVram(const torch::Device& device) {
-  VramStats v;
-#ifdef TUNE_TORCH_CUDA
-  if (device.is_cuda()) {
-    // Index 0 of the stat arrays is the aggregate over pool types in every
-    // torch version we build against (1.13 .. 2.x).
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device.index()));
-    v.allocated = static_cast<double>(stats.allocated_bytes[0].current);
-    v.reserved = static_cast<double>(stats.reserved_bytes[0].current);
-    v.peak = static_cast<double>(stats.allocated_bytes[0].peak);
-  }
-#endif
-  return v;
 }
 
 // Total and free memory of the device: cudaMemGetInfo on the current

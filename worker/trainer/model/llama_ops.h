@@ -60,9 +60,10 @@ bool PreferCudnnAttention();
 // allocated one per layer, between each layer's larger transients, can leave
 // holes the caching allocator cannot reuse for those transients (seq 8192 x 2:
 // 2.4 GiB reserved beyond allocated); copied into slots of one block allocated
-// at the first layer (for `layers` slots), they leave none. Costs one device copy of each kept
-// tensor, and cuDNN's output and its copy coexist for a moment. The block
-// lives until layer 0's backward, the last to run, has used its slot.
+// at the first layer (for `layers` slots), they leave none. Costs one device
+// copy of each kept tensor, and cuDNN's output and its copy coexist for a
+// moment. The block lives until layer 0's backward, the last to run, has
+// used its slot.
 struct KeptAttentionSlab : torch::CustomClassHolder {
   explicit KeptAttentionSlab(int64_t layers) : layers(layers) {}
   // t's values in slot `slot` of `block` (allocated for `layers` tensors like
