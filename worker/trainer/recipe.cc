@@ -145,7 +145,10 @@ struct VramStats {
   // peak: allocated bytes since the start. peak_active also counts freed
   // blocks still waiting for another stream's use (recordStream): well above
   // peak, they are memory reserved grew for that no tensor held.
-  double allocated = 0, reserved = 0, peak = 0, peak_active = 0;
+  // peak_reserved: the most the allocator held at once since the start (the
+  // load included), what a GPU of that size must have; `reserved` at a step's
+  // end can be below it after an OOM step-down released the cache.
+  double allocated = 0, reserved = 0, peak = 0, peak_active = 0, peak_reserved = 0;
 };
 
 VramStats ReadVram(const torch::Device& device) {
@@ -159,6 +162,7 @@ VramStats ReadVram(const torch::Device& device) {
     v.reserved = static_cast<double>(stats.reserved_bytes[0].current);
     v.peak = static_cast<double>(stats.allocated_bytes[0].peak);
     v.peak_active = static_cast<double>(stats.active_bytes[0].peak);
+    v.peak_reserved = static_cast<double>(stats.reserved_bytes[0].peak);
   }
 #endif
   return v;
@@ -1018,6 +1022,7 @@ bool Trainer::RunStep(int64_t step, bool* rolled_back) {
                            {"vram_allocated", vram.allocated},
                            {"vram_reserved", vram.reserved},
                            {"vram_peak", vram.peak},
+                           {"vram_reserved_peak", vram.peak_reserved},
                            {"elapsed", Elapsed()},
                            {"skipped", skipped},
                            {"loss_scale", loss_scale},
